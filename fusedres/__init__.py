@@ -1,0 +1,14 @@
+"""fusedres: Triton kernels that fuse batch norm, ReLU and the residual add of ResNet blocks
+around cuDNN convolutions, checked against a plain-PyTorch reference."""
+from . import ops, reference
+from .backend import backend_for, use_backend
+from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, fused_residual_block
+from .modules import FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BNSpec", "BlockSpec", "ConvSpec", "FusedBasicBlock", "FusedBottleneck", "FusedPreActBlock",
+    "FusedPreActBottleneck", "FusedResidualBlock", "backend_for", "fused_residual_block", "ops",
+    "reference", "use_backend",
+]

@@ -1,0 +1,68 @@
+"""Which implementation runs the fused primitives.
+
+CUDA tensors take the compiled Triton kernels; CPU tensors take the plain-PyTorch reference,
+unless TRITON_INTERPRET=1 is set, when the same Triton kernels run in Triton's interpreter.
+``FUSEDRES_BACKEND=triton|reference|csrc_ref`` forces one, and ``use_backend(name)``
+(a context manager) takes precedence over the environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("triton", "reference", "csrc_ref")
+_state = threading.local()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the fused primitives on backend ``name`` inside the ``with`` block."""
+    _check(name, "use_backend(name)")
+    prev = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = prev
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend that a tensor on ``device`` runs on right now."""
+    forced = getattr(_state, "forced", None)
+    if forced is None:
+        env = os.environ.get("FUSEDRES_BACKEND", "").strip()
+        forced = _check(env, "FUSEDRES_BACKEND") if env else None
+    if forced is not None:
+        if forced == "triton" and device.type != "cuda" and not _interpreting():
+            raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 "
+                               f"to run its kernels on the CPU; got a tensor on {device}")
+        return forced
+    if device.type == "cuda" or _interpreting():
+        return "triton"
+    return "reference"
+
+
+def implementation(device: torch.device):
+    """The module holding bn_stats / bn_act_fwd / bn_act_bwd for ``device``."""
+    name = backend_for(device)
+    if name == "triton":
+        from . import kernels
+        return kernels
+    if name == "csrc_ref":
+        from . import csrc
+        return csrc.load(device)
+    from . import reference
+    return reference

@@ -1,0 +1,145 @@
+"""Batch-norm arithmetic as small ``@triton.jit`` helpers.
+
+Every kernel of fusedres is built from these, so the equations live in one place and a
+later Triton convolution can call them in its prologue or epilogue.
+
+Layout. A 4-D activation [N, C, H, W] is addressed as (n, c, s) with s = h*W + w and
+HW = H*W. One program works on a tile of BLOCK_C channels x BLOCK_HW positions of one
+sample at a time; ``CHANNELS_LAST`` picks which of the two tile axes is contiguous, so
+both memory formats are read natively with 16-byte vector loads and no copies.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_offsets(c, s, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Element offsets of a [BLOCK_C, BLOCK_HW] tile inside one sample."""
+    if CHANNELS_LAST:
+        return s[None, :] * C + c[:, None]  # NHWC: channels contiguous
+    else:
+        return c[:, None] * HW + s[None, :]  # NCHW: positions contiguous
+
+
+@triton.jit
+def sample_base(ptr, n, C, HW):
+    """Pointer to sample n; 64-bit because N*C*H*W can pass 2^31."""
+    return ptr + tl.cast(n, tl.int64) * C * HW
+
+
+@triton.jit
+def mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Pointer to sample n of a packed ReLU mask: bits run along the contiguous axis."""
+    if CHANNELS_LAST:
+        return mask_ptr + tl.cast(n, tl.int64) * HW * ((C + 7) // 8)
+    else:
+        return mask_ptr + tl.cast(n, tl.int64) * C * ((HW + 7) // 8)
+
+
+@triton.jit
+def relu(v):
+    """ReLU that propagates NaN like torch.relu (maximum(v, 0) would drop it)."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def relu_grad(dy, keep):
+    """where(mask, dy, 0): dy * mask would turn an inf gradient into NaN."""
+    return tl.where(keep, dy, 0.0)
+
+
+@triton.jit
+def relu_keep(v):
+    """Which elements pass a gradient through relu(v): torch's threshold_backward keeps
+    every output that is not <= 0, NaN included."""
+    return (v <= 0) == 0
+
+
+@triton.jit
+def bn_apply(z, scale, shift):
+    """z*scale + shift with scale = gamma*rstd and shift = beta - mean*scale."""
+    return z * scale + shift
+
+
+@triton.jit
+def welford_update(mean, m2, x, inv_k):
+    """One Welford step per lane, inv_k = 1/(number of values seen, this one included)."""
+    delta = x - mean
+    mean = mean + delta * inv_k
+    m2 = m2 + delta * (x - mean)
+    return mean, m2
+
+
+@triton.jit
+def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s parallel combination of two (count, mean, M2) summaries.
+
+    Never E[x^2] - E[x]^2: that loses every digit when |mean| >> std."""
+    n_ab = n_a + n_b
+    delta = mean_b - mean_a
+    frac_b = n_b / n_ab
+    mean_ab = mean_a + delta * frac_b
+    m2_ab = m2_a + m2_b + delta * delta * (n_a * frac_b)
+    return n_ab, mean_ab, m2_ab
+
+
+@triton.jit
+def bn_input_grad(scale, g, xhat, mean_g, mean_gx, BATCH_STATS: tl.constexpr):
+    """dL/dz of y = xhat*gamma + beta, given g = dL/dy.
+
+    Batch statistics: dz = gamma*rstd * (g - mean(g) - xhat*mean(g*xhat)).
+    Running statistics (eval): the normalisation is a constant affine map, dz = scale*g."""
+    if BATCH_STATS:
+        return scale * (g - mean_g - xhat * mean_gx)
+    else:
+        return scale * g
+
+
+@triton.jit
+def pack_bits(keep, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Pack a [BLOCK_C, BLOCK_HW] boolean tile 8 to a byte along its contiguous axis."""
+    weights = 1 << tl.arange(0, 8)
+    if CHANNELS_LAST:
+        b = tl.reshape(keep.to(tl.int32), [BLOCK_C // 8, 8, BLOCK_HW])
+        return tl.sum(b * weights[None, :, None], axis=1).to(tl.uint8)
+    else:
+        b = tl.reshape(keep.to(tl.int32), [BLOCK_C, BLOCK_HW // 8, 8])
+        return tl.sum(b * weights[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def unpack_bits(mask_base, c, s, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                CHANNELS_LAST: tl.constexpr):
+    """Read back the bits pack_bits stored for the tile (c, s) of one sample.
+
+    Each lane loads its byte (neighbours share it, so the bytes move once) and picks its bit."""
+    if CHANNELS_LAST:
+        C8 = (C + 7) // 8
+        byte = tl.load(mask_base + s[None, :] * C8 + (c // 8)[:, None],
+                       mask=(c < C)[:, None] & (s < HW)[None, :], other=0)
+        bit = (c % 8)[:, None]
+    else:
+        HW8 = (HW + 7) // 8
+        byte = tl.load(mask_base + c[:, None] * HW8 + (s // 8)[None, :],
+                       mask=(c < C)[:, None] & (s < HW)[None, :], other=0)
+        bit = (s % 8)[None, :]
+    return ((byte.to(tl.int32) >> bit) & 1) != 0
+
+
+@triton.jit
+def store_bits(mask_base, keep, c0, s0, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr):
+    """Store the packed bits of the tile starting at channel c0, position s0 (both multiples of 8)."""
+    packed = pack_bits(keep, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+    if CHANNELS_LAST:
+        C8 = (C + 7) // 8
+        c8 = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+        s = s0 + tl.arange(0, BLOCK_HW)
+        tl.store(mask_base + s[None, :] * C8 + c8[:, None], packed,
+                 mask=(c8 < C8)[:, None] & (s < HW)[None, :])
+    else:
+        HW8 = (HW + 7) // 8
+        c = c0 + tl.arange(0, BLOCK_C)
+        s8 = s0 // 8 + tl.arange(0, BLOCK_HW // 8)
+        tl.store(mask_base + c[:, None] * HW8 + s8[None, :], packed,
+                 mask=(c < C)[:, None] & (s8 < HW8)[None, :])

@@ -1,0 +1,86 @@
+"""Tile and grid choice: pure functions of shape, layout and device, so tests can check them.
+
+On a GPU the grid must fill the chip for every ResNet shape: a reduction splits the batch
+into chunks until there are at least ``REDUCE_PROGRAMS_PER_SM`` programs per SM, and the
+elementwise kernels give each program one sample. Under TRITON_INTERPRET=1 every program
+instance costs a few milliseconds whatever its size, so there the launchers take one large
+tile and the whole batch per program.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+
+TILE_ELEMENTS = 2048          # elements per tile on a GPU: 16 per thread at 4 warps
+REDUCE_PROGRAMS_PER_SM = 4    # reductions: enough programs in flight to hide latency
+INTERPRET_TILE_ELEMENTS = 1 << 16
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_C: int
+    BLOCK_HW: int
+    N_PER_PROG: int
+    num_warps: int
+    grid: tuple[int, int]   # (position blocks x sample chunks, channel blocks)
+
+    @property
+    def num_programs(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_partials(self) -> int:
+        return self.grid[0]
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
+                num_sms: int, interpret: bool = False) -> TileConfig:
+    """Pick the tile and grid for a [N, C, HW] activation.
+
+    ``reduction``: the kernel writes per-program partials (statistics, backward sums)
+    rather than one output per element. The contiguous axis (positions for NCHW, channels
+    for channels_last) gets the wide side of the tile; both sides are at least 8 so the
+    ReLU bits pack into whole bytes.
+    """
+    if interpret:
+        budget = INTERPRET_TILE_ELEMENTS
+        if channels_last:
+            block_c = max(8, min(_pow2(C), budget // 8))
+            block_hw = max(8, min(_pow2(HW), budget // block_c))
+        else:
+            block_hw = max(8, min(_pow2(HW), budget // 8))
+            block_c = max(8, min(_pow2(C), budget // block_hw))
+        n_per_prog = max(1, N)
+    else:
+        if channels_last:
+            block_c = max(8, min(_pow2(C), 256))
+            block_hw = max(8, min(_pow2(HW), TILE_ELEMENTS // block_c))
+        else:
+            block_hw = max(8, min(_pow2(HW), 512))
+            block_c = max(8, min(_pow2(C), TILE_ELEMENTS // block_hw))
+        n_per_prog = 1
+        if reduction:
+            base = triton.cdiv(HW, block_hw) * triton.cdiv(C, block_c)
+            chunks = max(1, min(N, triton.cdiv(REDUCE_PROGRAMS_PER_SM * num_sms, base)))
+            n_per_prog = triton.cdiv(max(N, 1), chunks)
+    n_chunks = triton.cdiv(max(N, 1), n_per_prog)
+    grid = (triton.cdiv(HW, block_hw) * n_chunks, triton.cdiv(C, block_c))
+    return TileConfig(block_c, block_hw, n_per_prog, 4, grid)
+
+
+def finalize_config(C: int, P: int, interpret: bool = False) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) for the per-channel kernels that merge P partials."""
+    if interpret:
+        return max(2, min(_pow2(P), 1024)), max(2, min(_pow2(C), 1024))
+    return 32, 64

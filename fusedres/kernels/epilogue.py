@@ -1,0 +1,77 @@
+"""The forward epilogue of a batch norm, with the residual add and ReLU fused in.
+
+    y = act( f_n * (z*scale + shift) + skip )
+    skip = 0 | r | zd*scale_d + shift_d       (none, identity, projection shortcut's own BN)
+
+f_n is an optional per-sample factor (stochastic depth: keep/keep_prob). Training and eval
+use the same kernel; only where scale and shift come from differs. With WRITE_MASK the kernel
+also stores which outputs pass a gradient through the ReLU as one bit per element, so the
+backward never reads the output tensor.
+"""
+import triton
+import triton.language as tl
+
+from .bn_math import (bn_apply, mask_sample_base, relu, relu_keep, sample_base, store_bits,
+                      tile_offsets)
+
+
+@triton.jit
+def _bn_act_fwd_kernel(
+    z_ptr,           # [N, C, H, W] conv output
+    y_ptr,           # [N, C, H, W] out, same layout and dtype as z
+    scale_ptr,       # [C] fp32 gamma*rstd
+    shift_ptr,       # [C] fp32 beta - mean*scale
+    skip_ptr,        # [N, C, H, W] residual (SKIP 1) or projection conv output (SKIP 2)
+    skip_scale_ptr,  # [C] the projection BN's scale (SKIP 2)
+    skip_shift_ptr,  # [C] the projection BN's shift (SKIP 2)
+    factor_ptr,      # [N] per-sample branch factor (HAS_FACTOR)
+    mask_ptr,        # packed ReLU bits (WRITE_MASK): [N, C, ceil(HW/8)] or [N, HW, ceil(C/8)]
+    N, C, HW,
+    N_PER_PROG,
+    SKIP: tl.constexpr,          # 0 none, 1 tensor, 2 normalised tensor
+    HAS_FACTOR: tl.constexpr,
+    RELU: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
+    s0 = (pid_p % num_s_blocks) * BLOCK_HW
+    n_start = (pid_p // num_s_blocks) * N_PER_PROG
+    n_end = tl.minimum(n_start + N_PER_PROG, N)
+    c0 = pid_c * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_HW)
+    cmask = c < C
+    valid = cmask[:, None] & (s < HW)[None, :]
+    offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
+
+    scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+    shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+    if SKIP == 2:
+        skip_scale = tl.load(skip_scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+        skip_shift = tl.load(skip_shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+
+    for n in range(n_start, n_end):
+        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=valid, other=0.0)
+        v = bn_apply(z.to(ACC_DTYPE), scale, shift)
+        if HAS_FACTOR:
+            v = v * tl.load(factor_ptr + n).to(ACC_DTYPE)
+        if SKIP == 1:
+            v += tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        if SKIP == 2:
+            zd = tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            v += bn_apply(zd, skip_scale, skip_shift)
+        if RELU:
+            out = relu(v)
+        else:
+            out = v
+        tl.store(sample_base(y_ptr, n, C, HW) + offs, out.to(z.dtype), mask=valid)
+        if WRITE_MASK:
+            keep = relu_keep(v) & valid
+            store_bits(mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST),
+                       keep, c0, s0, C, HW, BLOCK_C, BLOCK_HW, CHANNELS_LAST)

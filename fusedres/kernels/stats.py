@@ -1,0 +1,143 @@
+"""Per-channel batch statistics (the forward of batch norm's first half).
+
+    mean_c = 1/M sum_i z_ic          var_c = 1/M sum_i (z_ic - mean_c)^2       M = N*H*W
+    rstd_c = 1/sqrt(var_c + eps)     scale_c = gamma_c*rstd_c     shift_c = beta_c - mean_c*scale_c
+    running_mean <- (1-f)*running_mean + f*mean      running_var <- (1-f)*running_var + f*var*M/(M-1)
+
+with f = momentum, or 1/num_batches_tracked when momentum is None (cumulative average).
+
+Two kernels, no atomics, so the result is the same every run:
+1. ``_bn_stats_partial_kernel``: a 2-D grid of (sample chunk x position block, channel block)
+   programs. Each lane keeps a Welford (mean, M2) over the samples of its chunk; the lanes
+   of a channel are then merged with the exact equal-count formula. Writes one
+   (count, mean, M2) partial per program and channel.
+2. ``_bn_stats_finalize_kernel``: merges the partials of each channel with Chan's formula,
+   writes mean, rstd, scale, shift and updates the running statistics in their own dtype.
+The grid of the first kernel is sized to fill the GPU whatever the shape (config.py): one
+program per channel is what makes other Triton batch norms slow on 56x56 images.
+"""
+import triton
+import triton.language as tl
+
+from .bn_math import chan_combine, sample_base, tile_offsets, welford_update
+
+
+@triton.jit
+def _bn_stats_partial_kernel(
+    x_ptr,           # [N, C, H, W] conv output, NCHW or channels_last
+    part_mean_ptr,   # [P, C] mean of each partial
+    part_m2_ptr,     # [P, C] sum of squared deviations of each partial
+    part_count_ptr,  # [P] values per channel in each partial
+    N, C, HW,
+    N_PER_PROG,      # samples per program along the partial axis
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 storage
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
+    s0 = (pid_p % num_s_blocks) * BLOCK_HW
+    n_start = (pid_p // num_s_blocks) * N_PER_PROG
+    n_end = tl.minimum(n_start + N_PER_PROG, N)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_HW)
+    valid = (c < C)[:, None] & (s < HW)[None, :]
+    offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
+
+    mean = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+    for n in range(n_start, n_end):
+        x = tl.load(sample_base(x_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        inv_k = 1.0 / tl.cast(n - n_start + 1, ACC_DTYPE)
+        mean, m2 = welford_update(mean, m2, x, inv_k)
+
+    # Every valid lane saw the same number of samples, so the lanes of a channel merge
+    # exactly: mean of means, and M2 = sum M2_l + k * sum (mean_l - mean)^2.
+    k = (n_end - n_start).to(ACC_DTYPE)
+    lanes = tl.minimum(HW - s0, BLOCK_HW).to(ACC_DTYPE)
+    tile_mean = tl.sum(tl.where(valid, mean, 0.0), axis=1) / lanes
+    dev = tl.where(valid, mean - tile_mean[:, None], 0.0)
+    tile_m2 = tl.sum(tl.where(valid, m2, 0.0), axis=1) + k * tl.sum(dev * dev, axis=1)
+
+    cmask = c < C
+    tl.store(part_mean_ptr + pid_p * C + c, tile_mean, mask=cmask)
+    tl.store(part_m2_ptr + pid_p * C + c, tile_m2, mask=cmask)
+    if pid_c == 0:
+        tl.store(part_count_ptr + pid_p, k * lanes)
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(
+    part_mean_ptr,     # [P, C]
+    part_m2_ptr,       # [P, C]
+    part_count_ptr,    # [P]
+    weight_ptr,        # [C] gamma (HAS_WEIGHT)
+    bias_ptr,          # [C] beta (HAS_BIAS)
+    running_mean_ptr,  # [C] updated in place (UPDATE_RUNNING), any float dtype
+    running_var_ptr,   # [C] updated in place (UPDATE_RUNNING)
+    nbt_ptr,           # num_batches_tracked, already incremented (CUMULATIVE)
+    mean_ptr,          # [C] out: batch mean
+    rstd_ptr,          # [C] out: 1/sqrt(biased var + eps)
+    scale_ptr,         # [C] out: gamma*rstd
+    shift_ptr,         # [C] out: beta - mean*scale
+    P, C,
+    momentum,          # running-stat factor when not CUMULATIVE
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr,  # momentum=None: factor 1/num_batches_tracked, read on the device
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    mean_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    m2_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < P
+        m = pmask[:, None] & cmask[None, :]
+        cnt = tl.load(part_count_ptr + p, mask=pmask, other=0.0).to(ACC_DTYPE)
+        pm = tl.load(part_mean_ptr + p[:, None] * C + c[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+        pq = tl.load(part_m2_ptr + p[:, None] * C + c[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+        # merge this chunk of partials exactly (mean first, then deviations from it) ...
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+        d = tl.where(m, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pq, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
+        # ... then into the running summary with Chan's formula
+        n_acc, mean_acc, m2_acc = chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
+
+    var = m2_acc / n_acc
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + c, mask=cmask, other=1.0).to(ACC_DTYPE)
+    else:
+        w = tl.full([BLOCK_C], 1.0, ACC_DTYPE)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)
+    else:
+        b = tl.zeros([BLOCK_C], ACC_DTYPE)
+    scale = w * rstd
+    tl.store(mean_ptr + c, mean_acc, mask=cmask)
+    tl.store(rstd_ptr + c, rstd, mask=cmask)
+    tl.store(scale_ptr + c, scale, mask=cmask)
+    tl.store(shift_ptr + c, b - mean_acc * scale, mask=cmask)
+
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            f = 1.0 / tl.load(nbt_ptr).to(ACC_DTYPE)
+        else:
+            f = tl.cast(momentum, ACC_DTYPE)
+        rm = tl.load(running_mean_ptr + c, mask=cmask, other=0.0)
+        rv = tl.load(running_var_ptr + c, mask=cmask, other=0.0)
+        unbiased = m2_acc / (n_acc - 1.0)
+        new_rm = (1.0 - f) * rm.to(ACC_DTYPE) + f * mean_acc
+        new_rv = (1.0 - f) * rv.to(ACC_DTYPE) + f * unbiased
+        tl.store(running_mean_ptr + c, new_rm.to(rm.dtype), mask=cmask)
+        tl.store(running_var_ptr + c, new_rv.to(rv.dtype), mask=cmask)

@@ -1,0 +1,327 @@
+"""fusedres in plain PyTorch: the oracle for every test and the baseline for benchmarks.
+
+Two levels, both free of Triton and of the rest of fusedres:
+
+* The three fused primitives (``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd``) with exactly the
+  arguments and results of the Triton launchers (fusedres.kernels) and of csrc_ref. The
+  autograd Function runs on these when the backend is "reference" (CPU tensors by default).
+* Residual blocks written the way torchvision and timm write them (``BasicBlock``,
+  ``Bottleneck``, ``PreActBasicBlock``, ``PreActBottleneck``), with torchvision's
+  constructor and attribute names, so a state_dict moves between them and the fused blocks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layout import is_channels_last, mask_shape, stats_dtype
+
+# ---------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t.to(stats_dtype(t))
+
+
+def pack_relu_mask(keep: Tensor) -> Tensor:
+    """Pack a bool [N, C, H, W] tensor 8 to a byte along its contiguous axis (layout.mask_shape)."""
+    N, C, H, W = keep.shape
+    weights = (1 << torch.arange(8, device=keep.device, dtype=torch.int32))
+    if is_channels_last(keep):
+        b = keep.permute(0, 2, 3, 1).reshape(N, H * W, C)
+        b = F.pad(b.to(torch.int32), (0, (-C) % 8))
+    else:
+        b = keep.reshape(N, C, H * W)
+        b = F.pad(b.to(torch.int32), (0, (-(H * W)) % 8))
+    b = b.view(b.shape[0], b.shape[1], -1, 8)
+    return (b * weights).sum(-1).to(torch.uint8).contiguous()
+
+
+def unpack_relu_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """Inverse of pack_relu_mask for a tensor shaped and laid out as ``like``."""
+    N, C, H, W = like.shape
+    bits = (mask.to(torch.int32).unsqueeze(-1) >> torch.arange(8, device=mask.device)) & 1
+    bits = bits.flatten(-2).bool()
+    if is_channels_last(like):
+        return bits[:, :, :C].reshape(N, H, W, C).permute(0, 3, 1, 2)
+    return bits[:, :, :H * W].reshape(N, C, H, W)
+
+
+def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             running_mean: Optional[Tensor], running_var: Optional[Tensor],
+             num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float):
+    """Batch mean, rstd, scale = gamma*rstd, shift = beta - mean*scale per channel; updates
+    the running statistics (and counts the batch) when running_mean is given."""
+    C = x.shape[1]
+    sdt = stats_dtype(x)
+    update = running_mean is not None
+    if update and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if x.numel() == 0:
+        zeros = x.new_zeros(C, dtype=sdt)
+        return zeros, torch.ones_like(zeros), zeros.clone(), zeros.clone()
+    var, mean = torch.var_mean(_acc(x), dim=(0, 2, 3), correction=0)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd * weight.to(sdt) if weight is not None else rstd.clone()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(sdt)
+    if update:
+        count = x.numel() // C
+        if momentum is None:  # cumulative average, factor computed on the device
+            f = 1.0 / num_batches_tracked.to(sdt)
+        else:
+            f = momentum
+        new_mean = (1 - f) * running_mean.to(sdt) + f * mean
+        new_var = (1 - f) * running_var.to(sdt) + f * var * (count / (count - 1))
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    return mean, rstd, scale, shift
+
+
+def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
+               skip_scale: Optional[Tensor], skip_shift: Optional[Tensor],
+               factor: Optional[Tensor], relu: bool, write_mask: bool):
+    """y = act(factor[n]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift.
+    Returns (y, packed ReLU mask or an empty uint8 tensor)."""
+    v = _acc(z) * _per_channel(scale) + _per_channel(shift)
+    if factor is not None:
+        v = v * factor.to(v.dtype).view(-1, 1, 1, 1)
+    if skip is not None:
+        if skip_scale is not None:
+            v = v + (_acc(skip) * _per_channel(skip_scale) + _per_channel(skip_shift))
+        else:
+            v = v + _acc(skip)
+    out = torch.where(v < 0, 0.0, v) if relu else v
+    y = out.to(z.dtype).contiguous(memory_format=_fmt(z))
+    if write_mask:
+        mask = pack_relu_mask(~(v <= 0).contiguous(memory_format=_fmt(z)))
+    else:
+        mask = z.new_empty((0,), dtype=torch.uint8)
+    return y, mask
+
+
+def _fmt(t: Tensor):
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
+               mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
+               skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
+               rstd_d: Optional[Tensor], scale_d: Optional[Tensor],
+               batch_stats: bool, batch_stats_d: bool, need_sums: bool,
+               dz_add: Optional[Tensor]):
+    """Backward of bn_act_fwd; see fusedres.kernels.launch.bn_act_bwd for the contract."""
+    fmt = _fmt(z)
+    g = _acc(dy)
+    if mask_mode == 1:
+        keep = ~((_acc(z) * _per_channel(scale) + _per_channel(shift)) <= 0)
+        g = torch.where(keep, g, 0.0)
+    elif mask_mode == 2:
+        g = torch.where(unpack_relu_mask(mask, z), g, 0.0)
+    g_b = g * factor.to(g.dtype).view(-1, 1, 1, 1) if factor is not None else g
+    xhat = (_acc(z) - _per_channel(mean)) * _per_channel(rstd)
+    count = max(z.numel() // max(z.shape[1], 1), 1)
+    skip_bn = skip_mode == 2
+    reduce = batch_stats or need_sums or (skip_bn and batch_stats_d)
+    sums = [g_b.sum((0, 2, 3)), (g_b * xhat).sum((0, 2, 3))]
+    if batch_stats:
+        dz = _per_channel(scale) * (g_b - _per_channel(sums[0] / count)
+                                    - xhat * _per_channel(sums[1] / count))
+    else:
+        dz = _per_channel(scale) * g_b
+    if dz_add is not None:
+        dz = dz + _acc(dz_add)
+    dz = dz.to(z.dtype).contiguous(memory_format=fmt)
+    if skip_mode == 1:
+        dskip = g.to(dy.dtype, copy=True).contiguous(memory_format=fmt)
+    elif skip_bn:
+        xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d)
+        sums += [g.sum((0, 2, 3)), (g * xhat_d).sum((0, 2, 3))]
+        if batch_stats_d:
+            dzd = _per_channel(scale_d) * (g - _per_channel(sums[2] / count)
+                                           - xhat_d * _per_channel(sums[3] / count))
+        else:
+            dzd = _per_channel(scale_d) * g
+        dskip = dzd.to(zd.dtype).contiguous(memory_format=fmt)
+    else:
+        dskip = z.new_empty(0)
+    sums_t = torch.stack(sums) if reduce else z.new_empty(0, dtype=stats_dtype(z))
+    return dz, dskip, sums_t
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks, written as torchvision (models/resnet.py) and timm (resnet.py, resnetv2.py) do
+# ---------------------------------------------------------------------------------------
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def projection(inplanes: int, outplanes: int, stride: int = 1, avg_down: bool = False,
+               norm_layer: Optional[Callable[..., nn.Module]] = None) -> nn.Sequential:
+    """The projection shortcut bn(conv1x1(x)); ``avg_down`` puts a 2x2 average pool in
+    front of a stride-1 conv instead of striding it (timm's "d" and "t" ResNets)."""
+    norm_layer = norm_layer or nn.BatchNorm2d
+    if avg_down and stride > 1:
+        pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        return nn.Sequential(pool, conv1x1(inplanes, outplanes), norm_layer(outplanes))
+    return nn.Sequential(conv1x1(inplanes, outplanes, stride), norm_layer(outplanes))
+
+
+def drop_path_factor(x: Tensor, drop_prob: float, training: bool) -> Optional[Tensor]:
+    """Per-sample stochastic-depth factor keep/keep_prob drawn as timm draws it, or None."""
+    if drop_prob == 0.0 or not training:
+        return None
+    keep_prob = 1 - drop_prob
+    return x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep_prob).div_(keep_prob).view(-1)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + skip)."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.drop_path_rate = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        factor = drop_path_factor(out, self.drop_path_rate, self.training)
+        if factor is not None:
+            out = out * factor.view(-1, 1, 1, 1)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5: the stride on the 3x3 conv)."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.drop_path_rate = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        factor = drop_path_factor(out, self.drop_path_rate, self.training)
+        if factor is not None:
+            out = out * factor.view(-1, 1, 1, 1)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class _PreActBase(nn.Module):
+    def _preact_forward(self, x: Tensor, convs, norms) -> Tensor:
+        x_preact = self.relu(norms[0](x))
+        shortcut = self.downsample(x_preact) if self.downsample is not None else x
+        out = x_preact
+        for i, conv in enumerate(convs):
+            out = conv(out)
+            if i + 1 < len(convs):
+                out = self.relu(norms[i + 1](out))
+        factor = drop_path_factor(out, self.drop_path_rate, self.training)
+        if factor is not None:
+            out = out * factor.view(-1, 1, 1, 1)
+        return out + shortcut
+
+
+class PreActBasicBlock(_PreActBase):
+    """ResNet v2 basic block: conv2(relu(bn2(conv1(relu(bn1(x)))))) + skip,
+    skip = x or conv1x1(relu(bn1(x))), no ReLU after the add."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.relu = nn.ReLU(inplace=False)
+        self.downsample = (conv1x1(inplanes, planes, stride)
+                           if stride != 1 or inplanes != planes else None)
+        self.stride = stride
+        self.drop_path_rate = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._preact_forward(x, [self.conv1, self.conv2], [self.bn1, self.bn2])
+
+
+class PreActBottleneck(_PreActBase):
+    """ResNet v2 bottleneck (timm's resnetv2 PreActBottleneck, bottle_ratio 0.25)."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, out_planes)
+        self.relu = nn.ReLU(inplace=False)
+        self.downsample = (conv1x1(inplanes, out_planes, stride)
+                           if stride != 1 or inplanes != out_planes else None)
+        self.stride = stride
+        self.drop_path_rate = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._preact_forward(x, [self.conv1, self.conv2, self.conv3],
+                                    [self.bn1, self.bn2, self.bn3])
