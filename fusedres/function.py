@@ -103,6 +103,7 @@ def _tensor_index(spec: BlockSpec, what: str, i: int = 0, field: int = 0) -> int
 
 
 def _conv(x: Tensor, w: Tensor, cs: ConvSpec) -> Tensor:
+    x = x.to(w.dtype)  # autocast, pre-activation: the first BN ran in x's own dtype
     return torch.ops.aten.convolution(x, w, None, list(cs.stride), list(cs.padding),
                                       list(cs.dilation), False, [0, 0], cs.groups)
 
@@ -112,7 +113,7 @@ def _conv_backward(dout: Tensor, inp: Tensor, w: Tensor, cs: ConvSpec, need_in: 
     if not (need_in or need_w):
         return None, None
     gi, gw, _ = torch.ops.aten.convolution_backward(
-        dout, inp, w, None, list(cs.stride), list(cs.padding), list(cs.dilation), False,
+        dout.to(w.dtype), inp.to(w.dtype), w, None, list(cs.stride), list(cs.padding), list(cs.dilation), False,
         [0, 0], cs.groups, [need_in, need_w, False])
     return gi, gw
 
@@ -401,7 +402,7 @@ def _pool_out_hw(h: int, w: int, k: int):
     return (-(-(h - k) // k) + 1, -(-(w - k) // k) + 1)
 
 
-def _check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype):
+def _check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype, cast: bool):
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
     if conv.bias is not None:
@@ -415,7 +416,7 @@ def _check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype):
     if w.shape[1] * conv.groups != c_in:
         raise ValueError(f"{name} expects {w.shape[1] * conv.groups} input channels, "
                          f"got an input with {c_in}")
-    if w.dtype != act_dtype:
+    if w.dtype != act_dtype and not (cast and w.is_floating_point()):
         raise TypeError(f"{name}.weight must have dtype {act_dtype} like x, got {w.dtype}")
 
 
@@ -434,6 +435,10 @@ def _check_norm(name: str, bn, c: int, x: Tensor, act_dtype: torch.dtype, spec: 
         if t.dtype not in allowed:
             raise TypeError(f"{name}.{field} must have dtype {' or '.join(sorted(map(str, allowed)))} "
                             f"for {act_dtype} activations, got {t.dtype}")
+    dtypes = {t.dtype for t in tensors[:4] if t is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"{name}'s parameters and running statistics must share one dtype, "
+                        f"got {sorted(map(str, dtypes))}")
     if spec.batch_stats:
         n, _, h, w = in_size
         if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
@@ -470,16 +475,20 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
                          f"convs and {len(norms)} norms")
     dev_type = x.device.type
     if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        # As eager under autocast: convolutions in the autocast dtype, batch norm in the
+        # dtype of its input. A pre-activation block's first BN sees x itself, and its
+        # identity shortcut adds x at full precision.
         dt = torch.get_autocast_dtype(dev_type)
         with torch.autocast(dev_type, enabled=False):
-            return _run(x.to(dt), convs, norms, downsample, preact, drop_factor, recompute, dt)
+            return _run(x if preact else x.to(dt), convs, norms, downsample, preact,
+                        drop_factor, recompute, dt)
     return _run(x, convs, norms, downsample, preact, drop_factor, recompute, None)
 
 
 def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype):
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    act = x.dtype
+    act = cast_dtype or x.dtype  # dtype of the convolutions and of every BN after one
     weights = [c.weight if cast_dtype is None else c.weight.to(cast_dtype) for c in convs]
     n, c, h, w = x.shape
     bn_specs, bn_tensors = [], []
@@ -491,9 +500,9 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
     # Check everything before any kernel runs, so an error leaves the statistics untouched.
     c_cur, hw = c, (h, w)
     if preact:
-        _check_norm("norms[0]", norms[0], c, x, act, bn_specs[0], (n, c, h, w))
+        _check_norm("norms[0]", norms[0], c, x, x.dtype, bn_specs[0], (n, c, h, w))
     for i, conv in enumerate(convs):
-        _check_conv(f"convs[{i}]", conv, c_cur, x, act)
+        _check_conv(f"convs[{i}]", conv, c_cur, x, act, cast_dtype is not None)
         hw = _conv_out_hw(*hw, conv)
         c_cur = conv.weight.shape[0]
         if not preact:
@@ -505,7 +514,7 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
     wd, bnd = None, (None,) * 5
     if downsample is not None:
         pool, dconv, dnorm = downsample
-        _check_conv("downsample conv", dconv, c, x, act)
+        _check_conv("downsample conv", dconv, c, x, act, cast_dtype is not None)
         dhw = _conv_out_hw(*_pool_out_hw(h, w, pool), dconv)
         if dconv.weight.shape[0] != c_cur or dhw != hw:
             raise ValueError(f"the shortcut gives [{dconv.weight.shape[0]}, {dhw[0]}, {dhw[1]}] "

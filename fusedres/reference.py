@@ -226,7 +226,8 @@ class BasicBlock(nn.Module):
             out = out * factor.view(-1, 1, 1, 1)
         if self.downsample is not None:
             identity = self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: under autocast the sum stays low precision
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -262,7 +263,8 @@ class Bottleneck(nn.Module):
             out = out * factor.view(-1, 1, 1, 1)
         if self.downsample is not None:
             identity = self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: under autocast the sum stays low precision
+        return self.relu(out)
 
 
 class _PreActBase(nn.Module):

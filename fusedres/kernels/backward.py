@@ -4,6 +4,7 @@ With g = where(relu passed, dy, 0), g_b = f_n * g on the branch and xhat = (z - 
 
     dbeta = sum g_b       dgamma = sum g_b*xhat
     dz    = scale * (g_b - dbeta/M - xhat * dgamma/M)       (batch statistics; M = N*H*W)
+          = scale*g_b - b - k*(z - mean)                     (b, k per channel: bn_math)
     dz    = scale * g_b                                      (running statistics)
     dskip = g   (identity shortcut)     dzd: the same formula with g and the projection BN
 
@@ -16,20 +17,24 @@ residual add), so no activation is saved for the backward.
 import triton
 import triton.language as tl
 
-from .bn_math import (bn_apply, bn_input_grad, mask_sample_base, relu_grad, relu_keep,
+from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, mask_sample_base, relu_grad, relu_keep,
                       sample_base, tile_offsets, unpack_bits)
 
 MASK_NONE, MASK_RECOMPUTE, MASK_BITS = 0, 1, 2
 
 
 @triton.jit
-def _relu_keep_tile(z, scale, shift, mask_ptr, n, c, s, C, HW, MASK_MODE: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    if MASK_MODE == 1:
-        return relu_keep(bn_apply(z, scale, shift))
+def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
+                       FROM_BITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                       CHANNELS_LAST: tl.constexpr):
+    """g = where(relu passed, dy, 0), the ReLU read from the forward's packed bits
+    (FROM_BITS) or recomputed from z*scale + shift; no_relu: the block had none, g = dy."""
+    if FROM_BITS:
+        keep = unpack_bits(mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST), c, s, C, HW,
+                           valid, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
     else:
-        return unpack_bits(mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST), c, s, C, HW,
-                           BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+        keep = relu_keep(bn_apply(z, scale, shift))
+    return tl.where(valid, relu_grad(dy, keep | no_relu), 0.0)
 
 
 @triton.jit
@@ -38,19 +43,20 @@ def _bn_act_bwd_reduce_kernel(
     z_ptr,           # [N, C, H, W] conv output the BN normalised
     mean_ptr,        # [C] statistics the forward used
     rstd_ptr,        # [C]
-    scale_ptr,       # [C] (MASK_MODE 1)
-    shift_ptr,       # [C] (MASK_MODE 1)
-    mask_ptr,        # packed ReLU bits (MASK_MODE 2)
-    factor_ptr,      # [N] per-sample branch factor (HAS_FACTOR)
+    scale_ptr,       # [C] gamma*rstd
+    shift_ptr,       # [C]
+    mask_ptr,        # packed ReLU bits (FROM_BITS)
+    factor_ptr,      # [N] per-sample branch factor (has_factor)
     zd_ptr,          # [N, C, H, W] projection conv output (SKIP_BN)
     mean_d_ptr,      # [C] (SKIP_BN)
     rstd_d_ptr,      # [C] (SKIP_BN)
     part_ptr,        # [K, P, C] out: partial sum g_b, g_b*xhat[, g, g*xhat_d]
     N, C, HW, P,
     N_PER_PROG,
-    MASK_MODE: tl.constexpr,   # 0 no ReLU, 1 recompute from z, 2 packed bits
-    HAS_FACTOR: tl.constexpr,
-    SKIP_BN: tl.constexpr,
+    no_relu,         # mask_mode 0: no ReLU to go through
+    has_factor,
+    FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
+    SKIP_BN: tl.constexpr,     # also reduce for the projection BN
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -67,37 +73,28 @@ def _bn_act_bwd_reduce_kernel(
     cmask = c < C
     valid = cmask[:, None] & (s < HW)[None, :]
     offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
+    has_factor = has_factor != 0
+    no_relu = no_relu != 0
 
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-    if MASK_MODE == 1:
-        scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-        shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-    else:
-        scale = mean
-        shift = mean
+    scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+    shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     if SKIP_BN:
         mean_d = tl.load(mean_d_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
         rstd_d = tl.load(rstd_d_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
 
     acc_g = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
     acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    acc_gs = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    acc_gsx = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+    if SKIP_BN:
+        acc_gs = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+        acc_gsx = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
     for n in range(n_start, n_end):
         dy = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        if MASK_MODE == 0:
-            g = dy
-        else:
-            keep = _relu_keep_tile(z, scale, shift, mask_ptr, n, c, s, C, HW, MASK_MODE,
-                                   BLOCK_C, BLOCK_HW, CHANNELS_LAST)
-            g = relu_grad(dy, keep)
-        g = tl.where(valid, g, 0.0)
-        if HAS_FACTOR:
-            g_b = g * tl.load(factor_ptr + n).to(ACC_DTYPE)
-        else:
-            g_b = g
+        g = _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
+                               FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+        g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         acc_g += g_b
         acc_gx += g_b * ((z - mean) * rstd)
         if SKIP_BN:
@@ -140,26 +137,27 @@ def _bn_act_bwd_apply_kernel(
     mean_ptr,        # [C]
     rstd_ptr,        # [C]
     scale_ptr,       # [C] gamma*rstd
-    shift_ptr,       # [C] (MASK_MODE 1)
-    mask_ptr,        # packed ReLU bits (MASK_MODE 2)
-    factor_ptr,      # [N] (HAS_FACTOR)
-    sums_ptr,        # [K, C] sum g_b, g_b*xhat[, g, g*xhat_d] (BATCH_STATS / BATCH_STATS_D)
+    shift_ptr,       # [C]
+    mask_ptr,        # packed ReLU bits (FROM_BITS)
+    factor_ptr,      # [N] (has_factor)
+    sums_ptr,        # [K, C] sum g_b, g_b*xhat[, g, g*xhat_d] (batch_stats / batch_stats_d)
     zd_ptr,          # [N, C, H, W] (SKIP 2)
     mean_d_ptr,      # [C] (SKIP 2)
     rstd_d_ptr,      # [C] (SKIP 2)
     scale_d_ptr,     # [C] (SKIP 2)
-    dz_add_ptr,      # [N, C, H, W] a gradient to add to dz (HAS_DZ_ADD)
+    dz_add_ptr,      # [N, C, H, W] a gradient to add to dz (has_dz_add)
     dz_ptr,          # [N, C, H, W] out
     dskip_ptr,       # [N, C, H, W] out: g (SKIP 1) or dzd (SKIP 2)
     inv_count,       # 1/M
     N, C, HW,
     N_PER_PROG,
-    MASK_MODE: tl.constexpr,
-    HAS_FACTOR: tl.constexpr,
-    SKIP: tl.constexpr,          # 0 none, 1 write dskip = g, 2 write dzd
-    BATCH_STATS: tl.constexpr,
-    BATCH_STATS_D: tl.constexpr,
-    HAS_DZ_ADD: tl.constexpr,
+    no_relu,         # mask_mode 0: no ReLU to go through
+    has_factor,
+    batch_stats,     # the main BN normalised with batch statistics
+    batch_stats_d,   # the projection BN did
+    has_dz_add,
+    FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
+    SKIP: tl.constexpr,        # 0 none, 1 write dskip = g, 2 write dzd
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -176,53 +174,42 @@ def _bn_act_bwd_apply_kernel(
     cmask = c < C
     valid = cmask[:, None] & (s < HW)[None, :]
     offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
+    has_factor = has_factor != 0
+    no_relu = no_relu != 0
+    batch_stats = batch_stats != 0
+    batch_stats_d = batch_stats_d != 0
+    has_dz_add = has_dz_add != 0
 
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-    if MASK_MODE == 1:
-        shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-    else:
-        shift = scale
-    if BATCH_STATS:
-        mean_g = (tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE) * inv_count)[:, None]
-        mean_gx = (tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC_DTYPE) * inv_count)[:, None]
-    else:
-        mean_g = scale
-        mean_gx = scale
+    shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+    b, k = bn_grad_coefficients(
+        scale, rstd, tl.load(sums_ptr + c, mask=cmask & batch_stats, other=0.0).to(ACC_DTYPE)[:, None],
+        tl.load(sums_ptr + C + c, mask=cmask & batch_stats, other=0.0).to(ACC_DTYPE)[:, None], inv_count)
     if SKIP == 2:
         mean_d = tl.load(mean_d_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
         rstd_d = tl.load(rstd_d_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
         scale_d = tl.load(scale_d_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-        if BATCH_STATS_D:
-            mean_gs = (tl.load(sums_ptr + 2 * C + c, mask=cmask, other=0.0).to(ACC_DTYPE) * inv_count)[:, None]
-            mean_gsx = (tl.load(sums_ptr + 3 * C + c, mask=cmask, other=0.0).to(ACC_DTYPE) * inv_count)[:, None]
-        else:
-            mean_gs = scale_d
-            mean_gsx = scale_d
+        stats_d = cmask & batch_stats_d
+        b_d, k_d = bn_grad_coefficients(
+            scale_d, rstd_d, tl.load(sums_ptr + 2 * C + c, mask=stats_d, other=0.0).to(ACC_DTYPE)[:, None],
+            tl.load(sums_ptr + 3 * C + c, mask=stats_d, other=0.0).to(ACC_DTYPE)[:, None], inv_count)
 
     for n in range(n_start, n_end):
         dy_raw = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=valid, other=0.0)
-        dy = dy_raw.to(ACC_DTYPE)
         z_raw = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=valid, other=0.0)
         z = z_raw.to(ACC_DTYPE)
-        if MASK_MODE == 0:
-            g = dy
-        else:
-            keep = _relu_keep_tile(z, scale, shift, mask_ptr, n, c, s, C, HW, MASK_MODE,
-                                   BLOCK_C, BLOCK_HW, CHANNELS_LAST)
-            g = relu_grad(dy, keep)
-        if HAS_FACTOR:
-            g_b = g * tl.load(factor_ptr + n).to(ACC_DTYPE)
-        else:
-            g_b = g
-        dz = bn_input_grad(scale, g_b, (z - mean) * rstd, mean_g, mean_gx, BATCH_STATS)
-        if HAS_DZ_ADD:
-            dz += tl.load(sample_base(dz_add_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        g = _grad_through_relu(dy_raw.to(ACC_DTYPE), z, scale, shift, mask_ptr, n, c, s, C, HW,
+                               valid, no_relu, FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+        g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
+        dz = bn_input_grad(scale, g_b, z, mean, b, k, batch_stats)
+        dz += tl.load(sample_base(dz_add_ptr, n, C, HW) + offs, mask=valid & has_dz_add,
+                      other=0.0).to(ACC_DTYPE)
         tl.store(sample_base(dz_ptr, n, C, HW) + offs, dz.to(z_raw.dtype), mask=valid)
         if SKIP == 1:
             tl.store(sample_base(dskip_ptr, n, C, HW) + offs, g.to(dy_raw.dtype), mask=valid)
         if SKIP == 2:
             zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-            dzd = bn_input_grad(scale_d, g, (zd - mean_d) * rstd_d, mean_gs, mean_gsx, BATCH_STATS_D)
+            dzd = bn_input_grad(scale_d, g, zd, mean_d, b_d, k_d, batch_stats_d)
             tl.store(sample_base(dskip_ptr, n, C, HW) + offs, dzd.to(z_raw.dtype), mask=valid)

@@ -84,15 +84,19 @@ def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def bn_input_grad(scale, g, xhat, mean_g, mean_gx, BATCH_STATS: tl.constexpr):
-    """dL/dz of y = xhat*gamma + beta, given g = dL/dy.
+def bn_grad_coefficients(scale, rstd, sum_g, sum_gx, inv_count):
+    """Per-channel (b, k) of dz = scale*g - b - k*(z - mean) for batch statistics:
+    dz = gamma*rstd * (g - mean(g) - xhat*mean(g*xhat)) with xhat = (z - mean)*rstd.
+    Two vectors instead of four keeps the per-thread registers down."""
+    return scale * (sum_g * inv_count), scale * rstd * (sum_gx * inv_count)
 
-    Batch statistics: dz = gamma*rstd * (g - mean(g) - xhat*mean(g*xhat)).
-    Running statistics (eval): the normalisation is a constant affine map, dz = scale*g."""
-    if BATCH_STATS:
-        return scale * (g - mean_g - xhat * mean_gx)
-    else:
-        return scale * g
+
+@triton.jit
+def bn_input_grad(scale, g, z, mean, b, k, batch_stats):
+    """dL/dz of y = xhat*gamma + beta, given g = dL/dy. With running statistics (eval) the
+    normalisation is a constant affine map, dz = scale*g: selected, not computed with zero
+    coefficients, since k*(z - mean) with k = 0 would turn an infinite z into NaN."""
+    return tl.where(batch_stats, scale * g - b - k * (z - mean), scale * g)
 
 
 @triton.jit
@@ -108,20 +112,18 @@ def pack_bits(keep, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, CHANNELS_LAST
 
 
 @triton.jit
-def unpack_bits(mask_base, c, s, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+def unpack_bits(mask_base, c, s, C, HW, load_mask, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                 CHANNELS_LAST: tl.constexpr):
     """Read back the bits pack_bits stored for the tile (c, s) of one sample.
 
     Each lane loads its byte (neighbours share it, so the bytes move once) and picks its bit."""
     if CHANNELS_LAST:
         C8 = (C + 7) // 8
-        byte = tl.load(mask_base + s[None, :] * C8 + (c // 8)[:, None],
-                       mask=(c < C)[:, None] & (s < HW)[None, :], other=0)
+        byte = tl.load(mask_base + s[None, :] * C8 + (c // 8)[:, None], mask=load_mask, other=0)
         bit = (c % 8)[:, None]
     else:
         HW8 = (HW + 7) // 8
-        byte = tl.load(mask_base + c[:, None] * HW8 + (s // 8)[None, :],
-                       mask=(c < C)[:, None] & (s < HW)[None, :], other=0)
+        byte = tl.load(mask_base + c[:, None] * HW8 + (s // 8)[None, :], mask=load_mask, other=0)
         bit = (s % 8)[None, :]
     return ((byte.to(tl.int32) >> bit) & 1) != 0
 

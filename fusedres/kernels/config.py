@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import triton
 
-TILE_ELEMENTS = 2048          # elements per tile on a GPU: 16 per thread at 4 warps
+TILE_ELEMENTS = 1024          # elements per tile on a GPU: 4 per thread at 8 warps
+NUM_WARPS = 8
+# An explicit .maxnreg at the hardware limit: without one, ptxas sometimes caps a kernel at
+# 64 registers and spills a few bytes rather than use the 92 it needs.
+MAX_REGISTERS = 255
 REDUCE_PROGRAMS_PER_SM = 4    # reductions: enough programs in flight to hide latency
 INTERPRET_TILE_ELEMENTS = 1 << 16
 
@@ -45,13 +49,13 @@ def _pow2(x: int) -> int:
 
 
 def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
-                num_sms: int, interpret: bool = False) -> TileConfig:
+                num_sms: int, interpret: bool = False, fp64: bool = False) -> TileConfig:
     """Pick the tile and grid for a [N, C, HW] activation.
 
     ``reduction``: the kernel writes per-program partials (statistics, backward sums)
-    rather than one output per element. The contiguous axis (positions for NCHW, channels
-    for channels_last) gets the wide side of the tile; both sides are at least 8 so the
-    ReLU bits pack into whole bytes.
+    rather than one output per element. ``fp64``: half-size tiles (twice the registers
+    per element). The contiguous axis (positions for NCHW, channels for channels_last)
+    gets the wide side of the tile, at least 8 so the ReLU bits pack into whole bytes.
     """
     if interpret:
         budget = INTERPRET_TILE_ELEMENTS
@@ -63,12 +67,15 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
             block_c = max(8, min(_pow2(C), budget // block_hw))
         n_per_prog = max(1, N)
     else:
+        # A fixed menu of tiles (so the compile test can build every variant): the
+        # contiguous side is 64 or 256 wide, and each tile holds TILE_ELEMENTS.
+        tile = TILE_ELEMENTS // 2 if fp64 else TILE_ELEMENTS
         if channels_last:
-            block_c = max(8, min(_pow2(C), 256))
-            block_hw = max(8, min(_pow2(HW), TILE_ELEMENTS // block_c))
+            block_c = 64 if C <= 64 else 256
+            block_hw = tile // block_c
         else:
-            block_hw = max(8, min(_pow2(HW), 512))
-            block_c = max(8, min(_pow2(C), TILE_ELEMENTS // block_hw))
+            block_hw = 64 if HW <= 64 else 256
+            block_c = tile // block_hw
         n_per_prog = 1
         if reduction:
             base = triton.cdiv(HW, block_hw) * triton.cdiv(C, block_c)
@@ -76,7 +83,14 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
             n_per_prog = triton.cdiv(max(N, 1), chunks)
     n_chunks = triton.cdiv(max(N, 1), n_per_prog)
     grid = (triton.cdiv(HW, block_hw) * n_chunks, triton.cdiv(C, block_c))
-    return TileConfig(block_c, block_hw, n_per_prog, 4, grid)
+    return TileConfig(block_c, block_hw, n_per_prog, NUM_WARPS, grid)
+
+
+GPU_TILES = {
+    False: ((False, 16, 64), (False, 4, 256), (True, 64, 16), (True, 256, 4)),
+    True: ((False, 8, 64), (False, 2, 256), (True, 64, 8), (True, 256, 2)),
+}
+"""Every (CHANNELS_LAST, BLOCK_C, BLOCK_HW) tile_config can pick on a GPU, by ``fp64``."""
 
 
 def finalize_config(C: int, P: int, interpret: bool = False) -> tuple[int, int]:

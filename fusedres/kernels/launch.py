@@ -16,7 +16,7 @@ import triton.language as tl
 from .backward import (_bn_act_bwd_apply_kernel, _bn_act_bwd_reduce_kernel,
                        _sum_partials_kernel)
 from ..layout import is_channels_last, mask_shape, stats_dtype
-from .config import finalize_config, interpreting, tile_config
+from .config import MAX_REGISTERS, NUM_WARPS, finalize_config, interpreting, tile_config
 from .epilogue import _bn_act_fwd_kernel
 from .stats import _bn_stats_finalize_kernel, _bn_stats_partial_kernel
 
@@ -34,6 +34,8 @@ def _num_sms(device: torch.device) -> int:
 
 def _launch(kernel, grid, *args, **kwargs):
     LAUNCHES[kernel.fn.__name__] += 1
+    if not interpreting():
+        kwargs["maxnreg"] = MAX_REGISTERS
     kernel[grid](*args, **kwargs)
 
 
@@ -43,6 +45,18 @@ def _in_layout(t: Optional[Tensor], channels_last: bool) -> Optional[Tensor]:
         return None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A one-element tensor standing in for an absent operand: its loads are predicated
+    off, and a fixed dtype keeps the compiled variant the same with and without it."""
+    key = (device, dtype)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.zeros(1, device=device, dtype=dtype)
+    return _SCRATCH[key]
 
 
 def _acc(t: Tensor):
@@ -76,7 +90,7 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     cl = is_channels_last(x)
     x = _in_layout(x, cl)
     interp = interpreting()
-    cfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp)
+    cfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, x.dtype == torch.float64)
     P = cfg.num_partials
     part_mean = torch.empty((P, C), device=dev, dtype=sdt)
     part_m2 = torch.empty((P, C), device=dev, dtype=sdt)
@@ -86,17 +100,17 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             ACC_DTYPE=_acc(x), num_warps=cfg.num_warps)
     block_p, block_c = finalize_config(C, P, interp)
     cumulative = update and momentum is None
-    dummy = mean
+    present = [t for t in (running_mean, weight, bias) if t is not None]
+    param = present[0] if present else mean  # BN tensors share one dtype (checked above us)
     _launch(_bn_stats_finalize_kernel, (triton.cdiv(C, block_c),),
             part_mean, part_m2, part_count,
-            weight if weight is not None else dummy, bias if bias is not None else dummy,
-            running_mean if update else dummy, running_var if update else dummy,
-            num_batches_tracked if cumulative else dummy,
+            param if weight is None else weight, param if bias is None else bias,
+            running_mean if update else param, running_var if update else param,
+            num_batches_tracked if cumulative else _scratch(dev, torch.int64),
             mean, rstd, scale, shift, P, C,
             0.0 if momentum is None else float(momentum), float(eps),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-            BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=_acc(x), num_warps=4)
+            int(weight is not None), int(bias is not None), int(update), int(cumulative),
+            BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=_acc(x), num_warps=NUM_WARPS)
     return mean, rstd, scale, shift
 
 
@@ -116,15 +130,17 @@ def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
     if z.numel() == 0:
         return y, mask
     skip_mode = 0 if skip is None else (2 if skip_scale is not None else 1)
-    cfg = tile_config(N, C, HW, cl, False, _num_sms(z.device), interpreting())
+    factor = None if factor is None else factor.to(z.dtype)
+    cfg = tile_config(N, C, HW, cl, False, _num_sms(z.device), interpreting(),
+                      z.dtype == torch.float64)
     _launch(_bn_act_fwd_kernel, cfg.grid, z, y, scale, shift,
             skip if skip is not None else z,
             skip_scale if skip_mode == 2 else scale, skip_shift if skip_mode == 2 else shift,
-            factor if factor is not None else scale, mask if write_mask else y,
-            N, C, HW, cfg.N_PER_PROG,
-            SKIP=skip_mode, HAS_FACTOR=factor is not None, RELU=relu, WRITE_MASK=write_mask,
-            CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, ACC_DTYPE=_acc(z),
-            num_warps=cfg.num_warps)
+            factor if factor is not None else z,
+            mask if write_mask else _scratch(z.device, torch.uint8),
+            N, C, HW, cfg.N_PER_PROG, int(factor is not None), int(relu), int(write_mask),
+            SKIP=skip_mode, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+            ACC_DTYPE=_acc(z), num_warps=cfg.num_warps)
     return y, mask
 
 
@@ -144,7 +160,7 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     N, C, HW = _shape(z)
     cl = is_channels_last(z)
     z = _in_layout(z, cl)
-    dy = _in_layout(dy, cl)
+    dy = _in_layout(dy.to(z.dtype), cl)
     zd = _in_layout(zd, cl)
     dz_add = _in_layout(dz_add, cl)
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -161,30 +177,29 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     dev = z.device
     interp = interpreting()
     acc = _acc(z)
-    dummy = mean
+    factor = None if factor is None else factor.to(z.dtype)
+    bits = mask if mask_mode == 2 else _scratch(dev, torch.uint8)
+    fac = factor if factor is not None else z
     common = dict(CHANNELS_LAST=cl, ACC_DTYPE=acc)
     if reduce:
-        rcfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp)
+        rcfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, z.dtype == torch.float64)
         P = rcfg.num_partials
         part = torch.empty((K, P, C), device=dev, dtype=sdt)
-        _launch(_bn_act_bwd_reduce_kernel, rcfg.grid, dy, z, mean, rstd, scale, shift,
-                mask if mask_mode == 2 else dummy, factor if factor is not None else dummy,
-                zd if skip_bn else z, mean_d if skip_bn else dummy, rstd_d if skip_bn else dummy,
-                part, N, C, HW, P, rcfg.N_PER_PROG,
-                MASK_MODE=mask_mode, HAS_FACTOR=factor is not None, SKIP_BN=skip_bn,
-                BLOCK_C=rcfg.BLOCK_C, BLOCK_HW=rcfg.BLOCK_HW, num_warps=rcfg.num_warps, **common)
+        _launch(_bn_act_bwd_reduce_kernel, rcfg.grid, dy, z, mean, rstd, scale, shift, bits, fac,
+                zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
+                part, N, C, HW, P, rcfg.N_PER_PROG, int(mask_mode == 0), int(factor is not None),
+                FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, BLOCK_C=rcfg.BLOCK_C, BLOCK_HW=rcfg.BLOCK_HW,
+                num_warps=rcfg.num_warps, **common)
         block_p, block_c = finalize_config(C, P, interp)
         _launch(_sum_partials_kernel, (triton.cdiv(C, block_c), K), part, sums, P, C,
-                BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, num_warps=4)
-    cfg = tile_config(N, C, HW, cl, False, _num_sms(dev), interp)
-    _launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
-            mask if mask_mode == 2 else dummy, factor if factor is not None else dummy,
-            sums if reduce else dummy,
-            zd if skip_bn else z, mean_d if skip_bn else dummy, rstd_d if skip_bn else dummy,
-            scale_d if skip_bn else dummy, dz_add if dz_add is not None else z,
+                BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, num_warps=NUM_WARPS)
+    cfg = tile_config(N, C, HW, cl, False, _num_sms(dev), interp, z.dtype == torch.float64)
+    _launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift, bits, fac,
+            sums if reduce else mean,
+            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
+            scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
             dz, dskip if skip_mode else dz, 1.0 / (N * HW), N, C, HW, cfg.N_PER_PROG,
-            MASK_MODE=mask_mode, HAS_FACTOR=factor is not None, SKIP=skip_mode,
-            BATCH_STATS=batch_stats, BATCH_STATS_D=skip_bn and batch_stats_d,
-            HAS_DZ_ADD=dz_add is not None, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
-            num_warps=cfg.num_warps, **common)
+            int(mask_mode == 0), int(factor is not None), int(batch_stats),
+            int(skip_bn and batch_stats_d), int(dz_add is not None),
+            FROM_BITS=mask_mode == 2, SKIP=skip_mode, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps, **common)
     return dz, dskip, sums

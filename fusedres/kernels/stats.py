@@ -73,11 +73,11 @@ def _bn_stats_finalize_kernel(
     part_mean_ptr,     # [P, C]
     part_m2_ptr,       # [P, C]
     part_count_ptr,    # [P]
-    weight_ptr,        # [C] gamma (HAS_WEIGHT)
-    bias_ptr,          # [C] beta (HAS_BIAS)
-    running_mean_ptr,  # [C] updated in place (UPDATE_RUNNING), any float dtype
-    running_var_ptr,   # [C] updated in place (UPDATE_RUNNING)
-    nbt_ptr,           # num_batches_tracked, already incremented (CUMULATIVE)
+    weight_ptr,        # [C] gamma (has_weight)
+    bias_ptr,          # [C] beta (has_bias)
+    running_mean_ptr,  # [C] updated in place (update_running), any float dtype
+    running_var_ptr,   # [C] updated in place (update_running)
+    nbt_ptr,           # num_batches_tracked, already incremented (cumulative)
     mean_ptr,          # [C] out: batch mean
     rstd_ptr,          # [C] out: 1/sqrt(biased var + eps)
     scale_ptr,         # [C] out: gamma*rstd
@@ -85,10 +85,10 @@ def _bn_stats_finalize_kernel(
     P, C,
     momentum,          # running-stat factor when not CUMULATIVE
     eps,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr,
-    CUMULATIVE: tl.constexpr,  # momentum=None: factor 1/num_batches_tracked, read on the device
+    has_weight,
+    has_bias,
+    update_running,
+    cumulative,        # momentum=None: factor 1/num_batches_tracked, read on the device
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -114,30 +114,25 @@ def _bn_stats_finalize_kernel(
         n_acc, mean_acc, m2_acc = chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
 
     var = m2_acc / n_acc
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + c, mask=cmask, other=1.0).to(ACC_DTYPE)
+    if ACC_DTYPE == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)
     else:
-        w = tl.full([BLOCK_C], 1.0, ACC_DTYPE)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)
-    else:
-        b = tl.zeros([BLOCK_C], ACC_DTYPE)
+        rstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE-rounded, as torch.rsqrt's reference
+    w = tl.load(weight_ptr + c, mask=cmask & (has_weight != 0), other=1.0).to(ACC_DTYPE)
+    b = tl.load(bias_ptr + c, mask=cmask & (has_bias != 0), other=0.0).to(ACC_DTYPE)
     scale = w * rstd
     tl.store(mean_ptr + c, mean_acc, mask=cmask)
     tl.store(rstd_ptr + c, rstd, mask=cmask)
     tl.store(scale_ptr + c, scale, mask=cmask)
     tl.store(shift_ptr + c, b - mean_acc * scale, mask=cmask)
 
-    if UPDATE_RUNNING:
-        if CUMULATIVE:
-            f = 1.0 / tl.load(nbt_ptr).to(ACC_DTYPE)
-        else:
-            f = tl.cast(momentum, ACC_DTYPE)
-        rm = tl.load(running_mean_ptr + c, mask=cmask, other=0.0)
-        rv = tl.load(running_var_ptr + c, mask=cmask, other=0.0)
-        unbiased = m2_acc / (n_acc - 1.0)
-        new_rm = (1.0 - f) * rm.to(ACC_DTYPE) + f * mean_acc
-        new_rv = (1.0 - f) * rv.to(ACC_DTYPE) + f * unbiased
-        tl.store(running_mean_ptr + c, new_rm.to(rm.dtype), mask=cmask)
-        tl.store(running_var_ptr + c, new_rv.to(rv.dtype), mask=cmask)
+    update = cmask & (update_running != 0)
+    nbt = tl.load(nbt_ptr, mask=cumulative != 0, other=1)
+    f = tl.where(cumulative != 0, 1.0 / nbt.to(ACC_DTYPE), tl.cast(momentum, ACC_DTYPE))
+    rm = tl.load(running_mean_ptr + c, mask=update, other=0.0)
+    rv = tl.load(running_var_ptr + c, mask=update, other=0.0)
+    unbiased = m2_acc / (n_acc - 1.0)
+    new_rm = (1.0 - f) * rm.to(ACC_DTYPE) + f * mean_acc
+    new_rv = (1.0 - f) * rv.to(ACC_DTYPE) + f * unbiased
+    tl.store(running_mean_ptr + c, new_rm.to(rm.dtype), mask=update)
+    tl.store(running_var_ptr + c, new_rv.to(rv.dtype), mask=update)
