@@ -42,7 +42,7 @@ def pack_relu_mask(keep: Tensor) -> Tensor:
     else:
         b = keep.reshape(N, C, H * W)
         b = F.pad(b.to(torch.int32), (0, (-(H * W)) % 8))
-    b = b.view(b.shape[0], b.shape[1], -1, 8)
+    b = b.view(b.shape[0], b.shape[1], b.shape[2] // 8, 8)
     return (b * weights).sum(-1).to(torch.uint8).contiguous()
 
 

@@ -67,7 +67,6 @@ def _bn_act_bwd_reduce_kernel(
     num_s_blocks = tl.cdiv(HW, BLOCK_HW)
     s0 = (pid_p % num_s_blocks) * BLOCK_HW
     n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    n_end = tl.minimum(n_start + N_PER_PROG, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = s0 + tl.arange(0, BLOCK_HW)
     cmask = c < C
@@ -89,18 +88,23 @@ def _bn_act_bwd_reduce_kernel(
     if SKIP_BN:
         acc_gs = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
         acc_gsx = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    for n in range(n_start, n_end):
-        dy = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        g = _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
+    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
+    i = 0
+    while i < N_PER_PROG:
+        n = n_start + i
+        live = valid & (n < N)
+        dy = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
+        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
+        g = _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, live, no_relu,
                                FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
         g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         acc_g += g_b
         acc_gx += g_b * ((z - mean) * rstd)
         if SKIP_BN:
-            zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
             acc_gs += g
             acc_gsx += g * ((zd - mean_d) * rstd_d)
+        i += 1
 
     row = pid_p * C + c
     tl.store(part_ptr + row, tl.sum(acc_g, axis=1), mask=cmask)
@@ -123,10 +127,13 @@ def _sum_partials_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     acc = tl.zeros([BLOCK_P, BLOCK_C], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
+    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
+    p0 = 0
+    while p0 < P:
         p = p0 + tl.arange(0, BLOCK_P)
         m = (p < P)[:, None] & cmask[None, :]
         acc += tl.load(part_ptr + k * P * C + p[:, None] * C + c[None, :], mask=m, other=0.0)
+        p0 += BLOCK_P
     tl.store(out_ptr + k * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
@@ -168,7 +175,6 @@ def _bn_act_bwd_apply_kernel(
     num_s_blocks = tl.cdiv(HW, BLOCK_HW)
     s0 = (pid_p % num_s_blocks) * BLOCK_HW
     n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    n_end = tl.minimum(n_start + N_PER_PROG, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = s0 + tl.arange(0, BLOCK_HW)
     cmask = c < C
@@ -196,20 +202,25 @@ def _bn_act_bwd_apply_kernel(
             scale_d, rstd_d, tl.load(sums_ptr + 2 * C + c, mask=stats_d, other=0.0).to(ACC_DTYPE)[:, None],
             tl.load(sums_ptr + 3 * C + c, mask=stats_d, other=0.0).to(ACC_DTYPE)[:, None], inv_count)
 
-    for n in range(n_start, n_end):
-        dy_raw = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=valid, other=0.0)
-        z_raw = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=valid, other=0.0)
+    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
+    i = 0
+    while i < N_PER_PROG:
+        n = n_start + i
+        live = valid & (n < N)
+        dy_raw = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=live, other=0.0)
+        z_raw = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=live, other=0.0)
         z = z_raw.to(ACC_DTYPE)
         g = _grad_through_relu(dy_raw.to(ACC_DTYPE), z, scale, shift, mask_ptr, n, c, s, C, HW,
-                               valid, no_relu, FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+                               live, no_relu, FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
         g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         dz = bn_input_grad(scale, g_b, z, mean, b, k, batch_stats)
-        dz += tl.load(sample_base(dz_add_ptr, n, C, HW) + offs, mask=valid & has_dz_add,
+        dz += tl.load(sample_base(dz_add_ptr, n, C, HW) + offs, mask=live & has_dz_add,
                       other=0.0).to(ACC_DTYPE)
-        tl.store(sample_base(dz_ptr, n, C, HW) + offs, dz.to(z_raw.dtype), mask=valid)
+        tl.store(sample_base(dz_ptr, n, C, HW) + offs, dz.to(z_raw.dtype), mask=live)
         if SKIP == 1:
-            tl.store(sample_base(dskip_ptr, n, C, HW) + offs, g.to(dy_raw.dtype), mask=valid)
+            tl.store(sample_base(dskip_ptr, n, C, HW) + offs, g.to(dy_raw.dtype), mask=live)
         if SKIP == 2:
-            zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
             dzd = bn_input_grad(scale_d, g, zd, mean_d, b_d, k_d, batch_stats_d)
-            tl.store(sample_base(dskip_ptr, n, C, HW) + offs, dzd.to(z_raw.dtype), mask=valid)
+            tl.store(sample_base(dskip_ptr, n, C, HW) + offs, dzd.to(z_raw.dtype), mask=live)
+        i += 1

@@ -129,19 +129,20 @@ def unpack_bits(mask_base, c, s, C, HW, load_mask, BLOCK_C: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def store_bits(mask_base, keep, c0, s0, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-               CHANNELS_LAST: tl.constexpr):
-    """Store the packed bits of the tile starting at channel c0, position s0 (both multiples of 8)."""
+def store_bits(mask_base, keep, c0, s0, C, HW, in_batch, BLOCK_C: tl.constexpr,
+               BLOCK_HW: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Store the packed bits of the tile starting at channel c0, position s0 (both multiples
+    of 8); nothing when the sample is past the batch (``in_batch`` false)."""
     packed = pack_bits(keep, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
     if CHANNELS_LAST:
         C8 = (C + 7) // 8
         c8 = c0 // 8 + tl.arange(0, BLOCK_C // 8)
         s = s0 + tl.arange(0, BLOCK_HW)
         tl.store(mask_base + s[None, :] * C8 + c8[:, None], packed,
-                 mask=(c8 < C8)[:, None] & (s < HW)[None, :])
+                 mask=(c8 < C8)[:, None] & (s < HW)[None, :] & in_batch)
     else:
         HW8 = (HW + 7) // 8
         c = c0 + tl.arange(0, BLOCK_C)
         s8 = s0 // 8 + tl.arange(0, BLOCK_HW // 8)
         tl.store(mask_base + c[:, None] * HW8 + s8[None, :], packed,
-                 mask=(c < C)[:, None] & (s8 < HW8)[None, :])
+                 mask=(c < C)[:, None] & (s8 < HW8)[None, :] & in_batch)

@@ -74,7 +74,7 @@ def variants():
 
 def _signature(fn, ptrs: dict, constexprs: dict) -> dict:
     sig = {}
-    floats = {"momentum", "eps", "inv_count"}
+    floats = {"momentum", "momentum_lo", "eps", "inv_count"}
     for p in fn.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"

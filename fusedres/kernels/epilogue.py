@@ -45,7 +45,6 @@ def _bn_act_fwd_kernel(
     num_s_blocks = tl.cdiv(HW, BLOCK_HW)
     s0 = (pid_p % num_s_blocks) * BLOCK_HW
     n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    n_end = tl.minimum(n_start + N_PER_PROG, N)
     c0 = pid_c * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
     s = s0 + tl.arange(0, BLOCK_HW)
@@ -60,18 +59,23 @@ def _bn_act_fwd_kernel(
         skip_scale = tl.load(skip_scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
         skip_shift = tl.load(skip_shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
 
-    for n in range(n_start, n_end):
-        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=valid, other=0.0)
+    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
+    i = 0
+    while i < N_PER_PROG:
+        n = n_start + i
+        live = valid & (n < N)
+        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=live, other=0.0)
         v = bn_apply(z.to(ACC_DTYPE), scale, shift)
         v = v * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         if SKIP == 1:
-            v += tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            v += tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
         if SKIP == 2:
-            zd = tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+            zd = tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
             v += bn_apply(zd, skip_scale, skip_shift)
         out = tl.where(do_relu != 0, relu(v), v)
-        tl.store(sample_base(y_ptr, n, C, HW) + offs, out.to(z.dtype), mask=valid)
+        tl.store(sample_base(y_ptr, n, C, HW) + offs, out.to(z.dtype), mask=live)
         if write_mask != 0:
-            keep = relu_keep(v) & valid
+            keep = relu_keep(v) & live
             store_bits(mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST),
-                       keep, c0, s0, C, HW, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+                       keep, c0, s0, C, HW, n < N, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+        i += 1

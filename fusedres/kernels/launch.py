@@ -59,6 +59,12 @@ def _scratch(device: torch.device, dtype: torch.dtype) -> Tensor:
     return _SCRATCH[key]
 
 
+def _hi_lo(v: float) -> tuple[float, float]:
+    """A double as two fp32 scalars (Triton passes float arguments as fp32)."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+
+
 def _acc(t: Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -108,7 +114,7 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             running_mean if update else param, running_var if update else param,
             num_batches_tracked if cumulative else _scratch(dev, torch.int64),
             mean, rstd, scale, shift, P, C,
-            0.0 if momentum is None else float(momentum), float(eps),
+            *_hi_lo(0.0 if momentum is None else float(momentum)), float(eps),
             int(weight is not None), int(bias is not None), int(update), int(cumulative),
             BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=_acc(x), num_warps=NUM_WARPS)
     return mean, rstd, scale, shift

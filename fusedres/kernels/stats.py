@@ -40,28 +40,43 @@ def _bn_stats_partial_kernel(
     num_s_blocks = tl.cdiv(HW, BLOCK_HW)
     s0 = (pid_p % num_s_blocks) * BLOCK_HW
     n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    n_end = tl.minimum(n_start + N_PER_PROG, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = s0 + tl.arange(0, BLOCK_HW)
     valid = (c < C)[:, None] & (s < HW)[None, :]
     offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
 
+    # Accumulate x - pivot, the pivot one value of the channel: with |mean| >> std the
+    # Welford mean would otherwise round at ulp(mean) on every step.
+    if CHANNELS_LAST:
+        pivot_offs = s0 * C + c
+    else:
+        pivot_offs = c * HW + s0
+    pivot = tl.load(sample_base(x_ptr, n_start, C, HW) + pivot_offs, mask=c < C, other=0.0)
+    pivot = pivot.to(ACC_DTYPE)[:, None]
     mean = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
     m2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    for n in range(n_start, n_end):
-        x = tl.load(sample_base(x_ptr, n, C, HW) + offs, mask=valid, other=0.0).to(ACC_DTYPE)
-        inv_k = 1.0 / tl.cast(n - n_start + 1, ACC_DTYPE)
-        mean, m2 = welford_update(mean, m2, x, inv_k)
+    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
+    i = 0
+    while i < N_PER_PROG:
+        n = n_start + i
+        live = valid & (n < N)
+        x = tl.load(sample_base(x_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE) - pivot
+        inv_k = 1.0 / tl.cast(i + 1, ACC_DTYPE)
+        new_mean, new_m2 = welford_update(mean, m2, x, inv_k)
+        mean = tl.where(n < N, new_mean, mean)
+        m2 = tl.where(n < N, new_m2, m2)
+        i += 1
 
     # Every valid lane saw the same number of samples, so the lanes of a channel merge
     # exactly: mean of means, and M2 = sum M2_l + k * sum (mean_l - mean)^2.
-    k = (n_end - n_start).to(ACC_DTYPE)
+    k = tl.cast(tl.minimum(N - n_start, N_PER_PROG), ACC_DTYPE)
     lanes = tl.minimum(HW - s0, BLOCK_HW).to(ACC_DTYPE)
     tile_mean = tl.sum(tl.where(valid, mean, 0.0), axis=1) / lanes
     dev = tl.where(valid, mean - tile_mean[:, None], 0.0)
     tile_m2 = tl.sum(tl.where(valid, m2, 0.0), axis=1) + k * tl.sum(dev * dev, axis=1)
 
     cmask = c < C
+    tile_mean += tl.sum(pivot, axis=1)
     tl.store(part_mean_ptr + pid_p * C + c, tile_mean, mask=cmask)
     tl.store(part_m2_ptr + pid_p * C + c, tile_m2, mask=cmask)
     if pid_c == 0:
@@ -83,7 +98,8 @@ def _bn_stats_finalize_kernel(
     scale_ptr,         # [C] out: gamma*rstd
     shift_ptr,         # [C] out: beta - mean*scale
     P, C,
-    momentum,          # running-stat factor when not CUMULATIVE
+    momentum,          # running-stat factor when not cumulative, as fp32 hi + lo, so an
+    momentum_lo,       # fp64 buffer gets the whole double that PyTorch would use
     eps,
     has_weight,
     has_bias,
@@ -98,7 +114,9 @@ def _bn_stats_finalize_kernel(
     n_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
     mean_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
     m2_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
+    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
+    p0 = 0
+    while p0 < P:
         p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < P
         m = pmask[:, None] & cmask[None, :]
@@ -112,6 +130,7 @@ def _bn_stats_finalize_kernel(
         m2_b = tl.sum(pq, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
         # ... then into the running summary with Chan's formula
         n_acc, mean_acc, m2_acc = chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
+        p0 += BLOCK_P
 
     var = m2_acc / n_acc
     if ACC_DTYPE == tl.float64:
@@ -128,7 +147,8 @@ def _bn_stats_finalize_kernel(
 
     update = cmask & (update_running != 0)
     nbt = tl.load(nbt_ptr, mask=cumulative != 0, other=1)
-    f = tl.where(cumulative != 0, 1.0 / nbt.to(ACC_DTYPE), tl.cast(momentum, ACC_DTYPE))
+    mom = tl.cast(momentum, ACC_DTYPE) + tl.cast(momentum_lo, ACC_DTYPE)
+    f = tl.where(cumulative != 0, 1.0 / nbt.to(ACC_DTYPE), mom)
     rm = tl.load(running_mean_ptr + c, mask=update, other=0.0)
     rv = tl.load(running_var_ptr + c, mask=update, other=0.0)
     unbiased = m2_acc / (n_acc - 1.0)
