@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 
 import torch
 
 BACKENDS = ("triton", "reference", "csrc_ref")
-_state = threading.local()
+# Process-wide, not thread-local: the autograd engine runs CUDA backward passes on its own
+# threads, and `with use_backend(...): loss.backward()` must reach them.
+_forced: list = []
 
 
 def _interpreting() -> bool:
@@ -31,17 +32,16 @@ def _check(name: str, source: str) -> str:
 def use_backend(name: str):
     """Run the fused primitives on backend ``name`` inside the ``with`` block."""
     _check(name, "use_backend(name)")
-    prev = getattr(_state, "forced", None)
-    _state.forced = name
+    _forced.append(name)
     try:
         yield
     finally:
-        _state.forced = prev
+        _forced.pop()
 
 
 def backend_for(device: torch.device) -> str:
     """The backend that a tensor on ``device`` runs on right now."""
-    forced = getattr(_state, "forced", None)
+    forced = _forced[-1] if _forced else None
     if forced is None:
         env = os.environ.get("FUSEDRES_BACKEND", "").strip()
         forced = _check(env, "FUSEDRES_BACKEND") if env else None

@@ -135,7 +135,7 @@ def _bn_params(z: Tensor, t, bs: BNSpec):
     also updates the running statistics), or the running statistics in eval mode."""
     w, b, rm, rv, nbt = t
     if bs.batch_stats:
-        return ops.bn_stats(z, w, b, rm if bs.update else None, rv if bs.update else None,
+        return ops.run_bn_stats(z, w, b, rm if bs.update else None, rv if bs.update else None,
                             nbt if bs.update else None, bs.momentum, bs.eps)
     sdt = stats_dtype(z)
     mean = rm.to(sdt)
@@ -146,7 +146,7 @@ def _bn_params(z: Tensor, t, bs: BNSpec):
 
 
 def _bn_relu(z: Tensor, st) -> Tensor:
-    return ops.bn_act_fwd(z, st[2], st[3], None, None, None, None, True, False)[0]
+    return ops.run_bn_act_fwd(z, st[2], st[3], None, None, None, None, True, False)[0]
 
 
 def _same_layout(t: Tensor, like: Tensor) -> Tensor:
@@ -164,51 +164,61 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
     k = len(spec.convs)
     zs, acts, stats = [], [], []
     saved = {}
+    # Keep conv outputs and activations only when the backward needs them: in inference
+    # each is freed as soon as the next one exists, as in eager PyTorch.
     if not spec.preact:
         h = x
         for i in range(k):
             z = _conv(h, W[i], spec.convs[i])
             st = _bn_params(z, B[i], spec.bns[i])
-            zs.append(z)
-            stats.append(st)
+            if save:
+                zs.append(z)
+                stats.append(st)
             if i < k - 1:
                 h = _bn_relu(z, st)
-                acts.append(h)
-        st = stats[-1]
+                if save:
+                    acts.append(h)
+        del h
         if spec.proj is not None:
             xp = _pool(x, spec.proj_pool)
             zd = _conv(xp, Wd, spec.proj)
             std = _bn_params(zd, Bd, spec.proj_bn)
-            out, mask = ops.bn_act_fwd(zs[-1], st[2], st[3], _same_layout(zd, zs[-1]),
-                                       std[2], std[3], factor, True, save)
-            saved.update(xp=xp if spec.proj_pool else None, zd=zd, stats_d=std)
+            out, mask = ops.run_bn_act_fwd(z, st[2], st[3], _same_layout(zd, z),
+                                           std[2], std[3], factor, True, save)
+            if save:
+                saved.update(xp=xp if spec.proj_pool else None, zd=zd, stats_d=std)
         else:
-            out, mask = ops.bn_act_fwd(zs[-1], st[2], st[3], _same_layout(x, zs[-1]),
-                                       None, None, factor, True, save)
+            out, mask = ops.run_bn_act_fwd(z, st[2], st[3], _same_layout(x, z),
+                                           None, None, factor, True, save)
         saved["mask"] = mask
     else:
         st = _bn_params(x, B[0], spec.bns[0])
         stats.append(st)
-        h = _bn_relu(x, st)
-        acts.append(h)
+        a0 = h = _bn_relu(x, st)
+        if save:
+            acts.append(h)
         for i in range(k):
             z = _conv(h, W[i], spec.convs[i])
-            zs.append(z)
+            if save:
+                zs.append(z)
             if i < k - 1:
                 st = _bn_params(z, B[i + 1], spec.bns[i + 1])
-                stats.append(st)
                 h = _bn_relu(z, st)
-                acts.append(h)
+                if save:
+                    stats.append(st)
+                    acts.append(h)
+        del h
         if spec.proj is not None:
-            xp = _pool(acts[0], spec.proj_pool)
+            xp = _pool(a0, spec.proj_pool)
             skip = _conv(xp, Wd, spec.proj)
-            saved.update(xp=xp if spec.proj_pool else None)
+            if save:
+                saved.update(xp=xp if spec.proj_pool else None)
         else:
             skip = x
-        last = zs[-1]
+        del a0
         if factor is not None:
-            last = last * factor.to(last.dtype).view(-1, 1, 1, 1)
-        out = last + _same_layout(skip, last)
+            z = z * factor.to(z.dtype).view(-1, 1, 1, 1)
+        out = z + _same_layout(skip, z)
     if save:
         saved.update(zs=zs, stats=stats,
                      acts=[] if spec.recompute else acts)
@@ -301,14 +311,14 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
     last_bn = spec.bns[-1]
     if spec.proj is not None:
         std = saved["stats_d"]
-        dz, dskip, sums = ops.bn_act_bwd(
+        dz, dskip, sums = ops.run_bn_act_bwd(
             dout, zs[-1], st[0], st[1], st[2], st[3], saved["mask"], 2, factor, 2,
             saved["zd"], std[0], std[1], std[2], last_bn.batch_stats, spec.proj_bn.batch_stats,
             _bn_needs_sums(ctx, spec, "bn", k - 1) or _bn_needs_sums(ctx, spec, "bnd"), None)
         if sums.numel():
             _set_bn_grads(ctx, spec, grads, sums, "bnd", offset=2)
     else:
-        dz, dskip, sums = ops.bn_act_bwd(
+        dz, dskip, sums = ops.run_bn_act_bwd(
             dout, zs[-1], st[0], st[1], st[2], st[3], saved["mask"], 2, factor, 1,
             None, None, None, None, last_bn.batch_stats, False,
             _bn_needs_sums(ctx, spec, "bn", k - 1), None)
@@ -324,7 +334,7 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
             grads[_tensor_index(spec, "w", i)] = gw
         if i > 0:
             st = stats[i - 1]
-            dz, _, sums = ops.bn_act_bwd(
+            dz, _, sums = ops.run_bn_act_bwd(
                 gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
                 None, spec.bns[i - 1].batch_stats, False,
                 _bn_needs_sums(ctx, spec, "bn", i - 1), None)
@@ -361,7 +371,7 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
             grads[_tensor_index(spec, "w", i)] = gw
         if i > 0:
             st = stats[i]
-            dz, _, sums = ops.bn_act_bwd(
+            dz, _, sums = ops.run_bn_act_bwd(
                 gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
                 None, spec.bns[i].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", i), None)
             if sums.numel():
@@ -376,7 +386,7 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
     if not need_first:
         return None
     st = stats[0]
-    dx, _, sums = ops.bn_act_bwd(
+    dx, _, sums = ops.run_bn_act_bwd(
         _same_layout(gin, x), x, st[0], st[1], st[2], st[3], None, 1, None, 0, None, None,
         None, None, spec.bns[0].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", 0),
         None if spec.proj is not None else _same_layout(dout, x))

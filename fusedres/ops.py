@@ -76,3 +76,25 @@ def _(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, m
     K = 4 if skip_mode == 2 else 2
     sums = z.new_empty((K, z.shape[1]) if reduce else (0,), dtype=stats_dtype(z))
     return dz, dskip, sums
+
+
+# --------------------------------------------------------------------------------------
+# What the autograd Function calls: the custom ops while torch.compile traces, the backend
+# directly in eager mode (the dispatcher's Python overhead is tens of microseconds a call,
+# as much as a small block's kernels take on a GPU).
+# --------------------------------------------------------------------------------------
+
+
+def _eager_or_traced(op, name: str):
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return getattr(implementation(args[0].device), name)(*args)
+    call.__name__ = name
+    call.__doc__ = op.__doc__
+    return call
+
+
+run_bn_stats = _eager_or_traced(bn_stats, "bn_stats")
+run_bn_act_fwd = _eager_or_traced(bn_act_fwd, "bn_act_fwd")
+run_bn_act_bwd = _eager_or_traced(bn_act_bwd, "bn_act_bwd")

@@ -11,7 +11,7 @@ import torch
 from checks import TRITON_DEVICES, assert_close_fp32, triton_ran, ulp
 from fusedres import kernels as K
 from fusedres import reference as R
-from fusedres.kernels.config import GPU_TILES, tile_config
+from fusedres.kernels.config import gpu_tiles, tile_config
 
 SHAPES = [(3, 24, 7, 7), (2, 40, 13, 9), (4, 8, 1, 1), (1, 16, 4, 5)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -203,14 +203,15 @@ RESNET_STAGES = [  # (C, H*W) of every BN input in torchvision ResNet-18/50 stag
 
 @pytest.mark.parametrize("C,HW", RESNET_STAGES)
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("reduction", [False, True], ids=["elementwise", "reduction"])
-def test_gpu_grid_fills_h100(C, HW, cl, reduction):
+@pytest.mark.parametrize("kind", ["elementwise", "reduction", "stats"])
+@pytest.mark.parametrize("fp64", [False, True])
+def test_gpu_grid_fills_h100(C, HW, cl, kind, fp64):
     """At batch 256 every kernel launches at least two programs per SM of an H100 (132),
     picks a tile the compile test builds, and covers every element exactly once."""
-    fp64 = False
-    cfg = tile_config(256, C, HW, cl, reduction, num_sms=132, interpret=False, fp64=fp64)
+    cfg = tile_config(256, C, HW, cl, kind != "elementwise", num_sms=132, interpret=False,
+                      fp64=fp64, stats=kind == "stats")
     assert cfg.num_programs >= 2 * 132
-    assert (cl, cfg.BLOCK_C, cfg.BLOCK_HW) in GPU_TILES[fp64]
+    assert (cl, cfg.BLOCK_C, cfg.BLOCK_HW) in gpu_tiles(fp64, stats=kind == "stats")
     s_blocks = -(-HW // cfg.BLOCK_HW)
     assert cfg.grid[0] == s_blocks * -(-256 // cfg.N_PER_PROG)
     assert cfg.grid[1] * cfg.BLOCK_C >= C and (cfg.grid[1] - 1) * cfg.BLOCK_C < C

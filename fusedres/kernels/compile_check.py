@@ -36,7 +36,7 @@ def variants():
     """(name, kernel key, pointer dtypes by argument, constexprs, num_warps) for every variant."""
     import triton.language as tl
 
-    from .config import GPU_TILES, NUM_WARPS, finalize_config
+    from .config import NUM_WARPS, finalize_config, gpu_tiles
     out = []
     for s in STORAGE:
         t = "fp64" if s == "fp64" else "fp32"  # statistics dtype
@@ -48,10 +48,13 @@ def variants():
                                       "skip_shift_ptr", "mean_d_ptr", "rstd_d_ptr", "scale_d_ptr",
                                       "part_ptr", "sums_ptr", "out_ptr")}
         ptrs = {**act, **stat, "mask_ptr": "*u8", "nbt_ptr": "*i64"}
-        for cl, bc, bhw in GPU_TILES[s == "fp64"]:
+        for cl, bc, bhw in gpu_tiles(s == "fp64", stats=True):
             tile = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_HW=bhw, ACC_DTYPE=acc)
             tag = f"{s}-{'cl' if cl else 'nchw'}-{bc}x{bhw}"
             out.append((f"stats_partial-{tag}", "stats_partial", ptrs, tile, NUM_WARPS))
+        for cl, bc, bhw in gpu_tiles(s == "fp64"):
+            tile = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_HW=bhw, ACC_DTYPE=acc)
+            tag = f"{s}-{'cl' if cl else 'nchw'}-{bc}x{bhw}"
             for skip in (0, 1, 2):
                 out.append((f"fwd-skip{skip}-{tag}", "fwd", ptrs, {**tile, "SKIP": skip}, NUM_WARPS))
             for bits in (False, True):

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import triton
 
 TILE_ELEMENTS = 1024          # elements per tile on a GPU: 4 per thread at 8 warps
+# The statistics kernel holds two accumulators per element and few registers otherwise:
+# 16 elements per thread keep more bytes in flight in its loop over samples.
+STATS_TILE_ELEMENTS = 4096
 NUM_WARPS = 8
 # An explicit .maxnreg at the hardware limit: without one, ptxas sometimes caps a kernel at
 # 64 registers and spills a few bytes rather than use the 92 it needs.
@@ -49,12 +52,13 @@ def _pow2(x: int) -> int:
 
 
 def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
-                num_sms: int, interpret: bool = False, fp64: bool = False) -> TileConfig:
+                num_sms: int, interpret: bool = False, fp64: bool = False,
+                stats: bool = False) -> TileConfig:
     """Pick the tile and grid for a [N, C, HW] activation.
 
     ``reduction``: the kernel writes per-program partials (statistics, backward sums)
-    rather than one output per element. ``fp64``: half-size tiles (twice the registers
-    per element). The contiguous axis (positions for NCHW, channels for channels_last)
+    rather than one output per element; ``stats``: the statistics kernel's larger tile.
+    ``fp64``: half-size tiles (twice the registers per element). The contiguous axis (positions for NCHW, channels for channels_last)
     gets the wide side of the tile, at least 8 so the ReLU bits pack into whole bytes.
     """
     if interpret:
@@ -69,7 +73,7 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
     else:
         # A fixed menu of tiles (so the compile test can build every variant): the
         # contiguous side is 64 or 256 wide, and each tile holds TILE_ELEMENTS.
-        tile = TILE_ELEMENTS // 2 if fp64 else TILE_ELEMENTS
+        tile = (STATS_TILE_ELEMENTS if stats else TILE_ELEMENTS) // (2 if fp64 else 1)
         if channels_last:
             block_c = 64 if C <= 64 else 256
             block_hw = tile // block_c
@@ -86,11 +90,11 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, reduction: bool,
     return TileConfig(block_c, block_hw, n_per_prog, NUM_WARPS, grid)
 
 
-GPU_TILES = {
-    False: ((False, 16, 64), (False, 4, 256), (True, 64, 16), (True, 256, 4)),
-    True: ((False, 8, 64), (False, 2, 256), (True, 64, 8), (True, 256, 2)),
-}
-"""Every (CHANNELS_LAST, BLOCK_C, BLOCK_HW) tile_config can pick on a GPU, by ``fp64``."""
+def gpu_tiles(fp64: bool, stats: bool = False) -> tuple:
+    """Every (CHANNELS_LAST, BLOCK_C, BLOCK_HW) tile_config can pick on a GPU."""
+    tile = (STATS_TILE_ELEMENTS if stats else TILE_ELEMENTS) // (2 if fp64 else 1)
+    return tuple((cl, c, tile // c) if cl else (cl, tile // hw, hw)
+                 for cl in (False, True) for c, hw in ((64, 64), (256, 256)))
 
 
 def finalize_config(C: int, P: int, interpret: bool = False) -> tuple[int, int]:

@@ -96,7 +96,8 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     cl = is_channels_last(x)
     x = _in_layout(x, cl)
     interp = interpreting()
-    cfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, x.dtype == torch.float64)
+    cfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, x.dtype == torch.float64,
+                      stats=True)
     P = cfg.num_partials
     part_mean = torch.empty((P, C), device=dev, dtype=sdt)
     part_m2 = torch.empty((P, C), device=dev, dtype=sdt)
