@@ -2,6 +2,7 @@
 around cuDNN convolutions, checked against a plain-PyTorch reference."""
 from . import ops, reference
 from .backend import backend_for, use_backend
+from .convert import convert, fused_blocks, revert
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, fused_residual_block
 from .modules import FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck
 
@@ -9,6 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BNSpec", "BlockSpec", "ConvSpec", "FusedBasicBlock", "FusedBottleneck", "FusedPreActBlock",
-    "FusedPreActBottleneck", "FusedResidualBlock", "backend_for", "fused_residual_block", "ops",
-    "reference", "use_backend",
+    "FusedPreActBottleneck", "FusedResidualBlock", "backend_for", "convert", "fused_blocks",
+    "fused_residual_block", "ops", "reference", "revert", "use_backend",
 ]

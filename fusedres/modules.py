@@ -4,9 +4,14 @@ They subclass the plain-PyTorch blocks of fusedres.reference, which copy torchvi
 constructor, attribute names and errors, so state_dict keys match torchvision's and
 ``torchvision.models.resnet.ResNet(FusedBottleneck, [3, 4, 6, 3])`` builds a fused model.
 Norm layers stay the modules they are; each follows its own ``.train()``/``.eval()``.
+
+The forward is one generic function driven by a BlockLayout (which attribute holds which
+conv and norm), so the same code serves these blocks and the torchvision and timm blocks
+that fusedres.convert turns into fused ones.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,75 +21,131 @@ from . import reference
 from .function import fused_residual_block
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a block class keeps its parts, by attribute name."""
+    convs: tuple                       # main-path convs in order
+    norms: tuple                       # one norm per conv: after it, or before it if preact
+    preact: bool = False               # pre-activation (ResNet v2): no ReLU after the add
+    relus: tuple = ()                  # activation modules the fused block applies as ReLU
+    absent: tuple = ()                 # optional layers that must be None or nn.Identity
+    drop_path: Optional[str] = None    # a timm DropPath module, or a float drop rate
+    norm_act: bool = False             # the norms carry the ReLU (timm's BatchNormAct2d)
+
+
+def _pool_kernel(pool: nn.Module) -> int:
+    """0 for no pool, else k of AvgPool2d(k, k, ceil_mode=True, count_include_pad=False),
+    the only pool the fused shortcut computes; TypeError for any other pool."""
+    if type(pool) is not nn.AvgPool2d:
+        raise TypeError(f"the shortcut's pool must be an nn.AvgPool2d, got {type(pool).__name__}")
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    k, s, p = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
+    if (k[0] != k[1] or s != k or p != (0, 0) or not pool.ceil_mode or pool.count_include_pad
+            or pool.divisor_override is not None):
+        raise TypeError("the shortcut's pool must be AvgPool2d(k, k, ceil_mode=True, "
+                        f"count_include_pad=False), got {pool}")
+    return 0 if k[0] == 1 else k[0]
+
+
 def split_downsample(ds: Optional[nn.Module], preact: bool = False):
-    """(pool, conv, norm) of a projection shortcut: Sequential(conv, norm) as torchvision
-    builds it, Sequential(AvgPool2d, conv, norm) as timm's avg_down does, or a bare conv
-    (pre-activation). Raises TypeError for anything else."""
+    """(pool, conv, norm) of a projection shortcut, or None for the identity.
+
+    Accepts ``Sequential([AvgPool2d,] conv, norm)`` as torchvision and timm's ResNet build
+    it (an nn.Identity in place of the pool is skipped), timm resnetv2's DownsampleConv /
+    DownsampleAvg (``pool``, ``conv``, ``norm`` attributes, norm an nn.Identity when
+    preact), or a bare conv. ``norm`` is None when there is none. TypeError otherwise."""
     if ds is None:
         return None
     if isinstance(ds, nn.Conv2d):
-        return (0, ds, None)
-    mods = [m for m in (ds.children() if isinstance(ds, nn.Sequential) else [ds])
-            if not isinstance(m, nn.Identity)]
-    pool = 0
-    if mods and isinstance(mods[0], nn.AvgPool2d):
-        p = mods.pop(0)
-        k = p.kernel_size if isinstance(p.kernel_size, int) else p.kernel_size[0]
-        s = p.stride if isinstance(p.stride, int) else p.stride[0]
-        if k != s or p.padding not in (0, (0, 0)) or not p.ceil_mode or p.count_include_pad:
-            raise TypeError("only AvgPool2d(k, k, ceil_mode=True, count_include_pad=False) "
-                            f"is supported before the shortcut conv, got {p}")
-        pool = 1 if k == 1 else k
-        pool = 0 if k == 1 else pool
-    if len(mods) == 1 and isinstance(mods[0], nn.Conv2d):
-        return (pool, mods[0], None)
-    if len(mods) == 2 and isinstance(mods[0], nn.Conv2d):
-        return (pool, mods[0], mods[1])
-    raise TypeError(f"unsupported downsample module: {ds}")
+        parts = [ds]
+    elif isinstance(ds, nn.Sequential):
+        parts = list(ds)
+    elif hasattr(ds, "conv") and type(ds).__name__ in ("DownsampleConv", "DownsampleAvg"):
+        parts = [getattr(ds, "pool", None), ds.conv, getattr(ds, "norm", None)]
+    else:
+        raise TypeError(f"unsupported downsample module {type(ds).__name__}")
+    parts = [m for m in parts if m is not None and not isinstance(m, nn.Identity)]
+    pool = _pool_kernel(parts.pop(0)) if parts and isinstance(parts[0], nn.AvgPool2d) else 0
+    if not parts or not isinstance(parts[0], nn.Conv2d) or len(parts) > 2:
+        raise TypeError("the shortcut must be [AvgPool2d,] Conv2d[, norm], got "
+                        f"{[type(m).__name__ for m in parts]}")
+    conv, norm = parts[0], (parts[1] if len(parts) == 2 else None)
+    if norm is None and not preact:
+        raise TypeError("a post-activation block's shortcut conv needs a norm layer")
+    return pool, conv, norm
+
+
+def drop_path_factor(x: Tensor, drop_prob: float, training: bool,
+                     scale_by_keep: bool = True) -> Optional[Tensor]:
+    """The [N] per-sample factor of timm's ``drop_path``, drawn the way it draws it (one
+    ``bernoulli_`` on an [N, 1, 1, 1] tensor of the branch's dtype, on the device), so
+    the same RNG state gives the same samples. None when nothing is dropped."""
+    if drop_prob == 0.0 or not training:
+        return None
+    keep_prob = 1.0 - drop_prob
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)  # the branch's dtype under autocast
+    factor = x.new_empty((x.shape[0], 1, 1, 1), dtype=dtype).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        factor.div_(keep_prob)
+    return factor.view(-1)
 
 
 class _FusedMixin:
+    """The fused forward of every block, from the class's BlockLayout.
+
+    Classes using it set ``_fused_layout`` and ``_fused_original`` (the plain class that
+    fusedres.revert restores) in their own body."""
+
     recompute: bool = False
+    _fused_layout: BlockLayout
 
     def _drop_factor(self, x: Tensor) -> Optional[Tensor]:
-        rate = getattr(self, "drop_path_rate", 0.0)
-        factor = reference.drop_path_factor(x, rate, self.training)
-        return factor
+        name = self._fused_layout.drop_path
+        dp = getattr(self, name, None) if name else None
+        if dp is None or isinstance(dp, nn.Identity):
+            return None
+        if isinstance(dp, (int, float)):
+            return drop_path_factor(x, float(dp), self.training)
+        return drop_path_factor(x, float(dp.drop_prob), dp.training,
+                                getattr(dp, "scale_by_keep", True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        layout = self._fused_layout
+        return fused_residual_block(
+            x, [getattr(self, n) for n in layout.convs], [getattr(self, n) for n in layout.norms],
+            split_downsample(self.downsample, layout.preact), layout.preact,
+            self._drop_factor(x), self.recompute)
 
 
 class FusedBasicBlock(_FusedMixin, reference.BasicBlock):
     """torchvision's BasicBlock with its BN, ReLU and residual add fused."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fused_residual_block(x, [self.conv1, self.conv2], [self.bn1, self.bn2],
-                                    split_downsample(self.downsample), False,
-                                    self._drop_factor(x), self.recompute)
+    _fused_layout = BlockLayout(("conv1", "conv2"), ("bn1", "bn2"), relus=("relu",),
+                                drop_path="drop_path_rate")
+    _fused_original = reference.BasicBlock
 
 
 class FusedBottleneck(_FusedMixin, reference.Bottleneck):
     """torchvision's Bottleneck with its BNs, ReLUs and residual add fused."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fused_residual_block(x, [self.conv1, self.conv2, self.conv3],
-                                    [self.bn1, self.bn2, self.bn3],
-                                    split_downsample(self.downsample), False,
-                                    self._drop_factor(x), self.recompute)
+    _fused_layout = BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"),
+                                relus=("relu",), drop_path="drop_path_rate")
+    _fused_original = reference.Bottleneck
 
 
 class FusedPreActBlock(_FusedMixin, reference.PreActBasicBlock):
     """Pre-activation (ResNet v2) basic block, fused."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fused_residual_block(x, [self.conv1, self.conv2], [self.bn1, self.bn2],
-                                    split_downsample(self.downsample, True), True,
-                                    self._drop_factor(x), self.recompute)
+    _fused_layout = BlockLayout(("conv1", "conv2"), ("bn1", "bn2"), preact=True,
+                                relus=("relu",), drop_path="drop_path_rate")
+    _fused_original = reference.PreActBasicBlock
 
 
 class FusedPreActBottleneck(_FusedMixin, reference.PreActBottleneck):
     """Pre-activation (ResNet v2) bottleneck block, fused."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fused_residual_block(x, [self.conv1, self.conv2, self.conv3],
-                                    [self.bn1, self.bn2, self.bn3],
-                                    split_downsample(self.downsample, True), True,
-                                    self._drop_factor(x), self.recompute)
+    _fused_layout = BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"),
+                                preact=True, relus=("relu",), drop_path="drop_path_rate")
+    _fused_original = reference.PreActBottleneck
