@@ -170,14 +170,14 @@ bench() {  # bench NAME CAP FILE [pytest args]: JSON to bench-NAME.json unless N
     tail -n "+$from" "$OUT/bench.log" | grep -E '^(FAILED|ERROR|SKIPPED|XFAIL)|[0-9]+ (passed|failed|error)' \
         | cut -c1-220 | tail -n 8 | sed 's/^/    /'
 }
-bench kernels 60 test_kernels.py
-bench models 120 test_models.py
-bench blocks 200 test_blocks.py
+bench kernels 60 bench_kernels.py
+bench models 120 bench_models.py
+bench blocks 200 bench_blocks.py
 # Only with time to spare (typically when the tests were quick): torch.compile of the whole
 # ResNet-50 train step, forward and backward graphs, a minute or two of compiling.
 if (( HAS_CUDA )); then
     FUSEDRES_BENCH_COMPILE_TRAIN=1 OPTIONAL=1 MIN_STEP=90 \
-        bench compile-train 150 test_models.py -k "train_step and compile"
+        bench compile-train 150 bench_models.py -k "train_step and compile"
 fi
 
 # 7. Report ------------------------------------------------------------------------------

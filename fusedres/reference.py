@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import is_channels_last, mask_shape, stats_dtype
+from .layout import is_channels_last, stats_dtype
 
 # ---------------------------------------------------------------------------------------
 # Primitives

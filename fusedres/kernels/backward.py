@@ -17,8 +17,8 @@ residual add), so no activation is saved for the backward.
 import triton
 import triton.language as tl
 
-from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, mask_sample_base, relu_grad, relu_keep,
-                      sample_base, tile_offsets, unpack_bits)
+from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, mask_sample_base,
+                      program_tile, relu_grad, relu_keep, sample_base, unpack_bits)
 
 MASK_NONE, MASK_RECOMPUTE, MASK_BITS = 0, 1, 2
 
@@ -62,16 +62,10 @@ def _bn_act_bwd_reduce_kernel(
     BLOCK_HW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
-    s0 = (pid_p % num_s_blocks) * BLOCK_HW
-    n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = s0 + tl.arange(0, BLOCK_HW)
+    n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
+                                                      CHANNELS_LAST)
     cmask = c < C
-    valid = cmask[:, None] & (s < HW)[None, :]
-    offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
+    pid_p = tl.program_id(0)
     has_factor = has_factor != 0
     no_relu = no_relu != 0
 
@@ -170,16 +164,9 @@ def _bn_act_bwd_apply_kernel(
     BLOCK_HW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
-    s0 = (pid_p % num_s_blocks) * BLOCK_HW
-    n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = s0 + tl.arange(0, BLOCK_HW)
+    n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
+                                                      CHANNELS_LAST)
     cmask = c < C
-    valid = cmask[:, None] & (s < HW)[None, :]
-    offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
     has_factor = has_factor != 0
     no_relu = no_relu != 0
     batch_stats = batch_stats != 0

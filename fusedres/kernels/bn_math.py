@@ -22,6 +22,23 @@ def tile_offsets(c, s, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def program_tile(C, HW, N_PER_PROG, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr):
+    """The tile of this program in the grid (position blocks x sample chunks, channel blocks):
+    returns (first sample, first channel, first position, channels, positions, in-bounds
+    mask, element offsets within a sample)."""
+    pid_p = tl.program_id(0)
+    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
+    s0 = (pid_p % num_s_blocks) * BLOCK_HW
+    n_start = (pid_p // num_s_blocks) * N_PER_PROG
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_HW)
+    valid = (c < C)[:, None] & (s < HW)[None, :]
+    return n_start, c0, s0, c, s, valid, tile_offsets(c, s, C, HW, CHANNELS_LAST)
+
+
+@triton.jit
 def sample_base(ptr, n, C, HW):
     """Pointer to sample n; 64-bit because N*C*H*W can pass 2^31."""
     return ptr + tl.cast(n, tl.int64) * C * HW

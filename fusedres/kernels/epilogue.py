@@ -11,8 +11,8 @@ backward never reads the output tensor.
 import triton
 import triton.language as tl
 
-from .bn_math import (bn_apply, mask_sample_base, relu, relu_keep, sample_base, store_bits,
-                      tile_offsets)
+from .bn_math import (bn_apply, mask_sample_base, program_tile, relu, relu_keep, sample_base,
+                      store_bits)
 
 
 @triton.jit
@@ -40,17 +40,9 @@ def _bn_act_fwd_kernel(
     # Cheap flags are run-time scalars (a switched-off operand is a predicated-off load that
     # moves no bytes); only SKIP, which changes what the loop loads, is a constexpr. That
     # keeps the variants few enough for the compile test to build every one.
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
-    s0 = (pid_p % num_s_blocks) * BLOCK_HW
-    n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    c0 = pid_c * BLOCK_C
-    c = c0 + tl.arange(0, BLOCK_C)
-    s = s0 + tl.arange(0, BLOCK_HW)
+    n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
+                                                      CHANNELS_LAST)
     cmask = c < C
-    valid = cmask[:, None] & (s < HW)[None, :]
-    offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
     has_factor = has_factor != 0
 
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]

@@ -19,7 +19,7 @@ program per channel is what makes other Triton batch norms slow on 56x56 images.
 import triton
 import triton.language as tl
 
-from .bn_math import chan_combine, sample_base, tile_offsets, welford_update
+from .bn_math import chan_combine, program_tile, sample_base, welford_update
 
 
 @triton.jit
@@ -35,15 +35,9 @@ def _bn_stats_partial_kernel(
     BLOCK_HW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 storage
 ):
+    n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
+                                                      CHANNELS_LAST)
     pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
-    s0 = (pid_p % num_s_blocks) * BLOCK_HW
-    n_start = (pid_p // num_s_blocks) * N_PER_PROG
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = s0 + tl.arange(0, BLOCK_HW)
-    valid = (c < C)[:, None] & (s < HW)[None, :]
-    offs = tile_offsets(c, s, C, HW, CHANNELS_LAST)
 
     # Accumulate x - pivot, the pivot one value of the channel: with |mean| >> std the
     # Welford mean would otherwise round at ulp(mean) on every step.
@@ -79,7 +73,7 @@ def _bn_stats_partial_kernel(
     tile_mean += tl.sum(pivot, axis=1)
     tl.store(part_mean_ptr + pid_p * C + c, tile_mean, mask=cmask)
     tl.store(part_m2_ptr + pid_p * C + c, tile_m2, mask=cmask)
-    if pid_c == 0:
+    if c0 == 0:
         tl.store(part_count_ptr + pid_p, k * lanes)
 
 
