@@ -21,7 +21,7 @@
 # Measured on an H100 (torch 2.11, triton 3.6; tests skipped): env 18 s, csrc_ref build
 # 42 s, kernels 36 s, models 65 s, blocks 71 s: 232 s, which leaves the tests about 150 s.
 #
-# The gpu-quick profile (see bench/test_*.py): kernels at bf16 channels_last batch 256;
+# The gpu-quick profile (see bench/bench_*.py): kernels at bf16 channels_last batch 256;
 # blocks at batch 256 bf16 channels_last with every provider (torch.compile for eval and
 # the train step only), plus fp32 NCHW for one block (eager, fused); ResNet-50 at batch 256,
 # amp and bf16, eager and fused, and torch.compile for amp inference (its train step only

@@ -4,6 +4,10 @@ Without a CUDA GPU the check runs the Triton kernels in Triton's interpreter, an
 reads TRITON_INTERPRET when it is imported: so it is set here, before anything imports
 triton (importing fusedres does not; fusedres.kernels does, on first use). If triton was
 imported already, the process runs itself again with the variable set.
+
+``python -m fusedres degradation`` and ``python -m fusedres lesion`` (fusedres/experiments.py)
+train networks: they leave TRITON_INTERPRET alone, so on a CPU the fused blocks run the
+plain-PyTorch reference backend (the interpreter would take hours).
 """
 import os
 import sys
@@ -20,8 +24,18 @@ def _want_interpreter(argv) -> bool:
     return not torch.cuda.is_available()
 
 
+_EXPERIMENTS = ("degradation", "lesion")
+
+
 def _main() -> int:
     argv = sys.argv[1:]
+    if argv and argv[0] in _EXPERIMENTS:
+        from fusedres.experiments import main as experiments_main
+        return experiments_main(argv)
+    if not argv or argv[0] != "check":
+        print("usage: python -m fusedres {check|degradation|lesion} [options]  "
+              "(--help after a command lists its options)", file=sys.stderr)
+        return 2
     if _want_interpreter(argv):
         os.environ["TRITON_INTERPRET"] = "1"
         if "triton" in sys.modules:
