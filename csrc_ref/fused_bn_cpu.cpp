@@ -24,6 +24,9 @@ struct CpuDev {
   // accumulating C channels side by side. A fixed partition, independent of the thread
   // count, so the result is the same on every machine and every run.
   static constexpr int64_t kLinesPerChunk = 64;
+  // Below this many elements a parallel region costs more than it saves (and, with another
+  // process on the cores, an OpenMP barrier can wait out a scheduler quantum): run serially.
+  static constexpr int64_t kMinParallelElements = int64_t(1) << 15;
 
   template <class Op>
   static void reduce(const Op& op, const Geometry& g, const Tensor& /*like*/) {
@@ -31,9 +34,10 @@ struct CpuDev {
     const int64_t C = g.C, L = g.len(), rows = g.rows();
     const int64_t P = g.cl ? (rows + kLinesPerChunk - 1) / kLinesPerChunk : g.N;
     std::vector<Acc> part(static_cast<size_t>(C * P));  // [C, P]
+    const bool big = rows * L >= kMinParallelElements;
     if (!g.cl) {
       // NCHW: a line is one (sample, channel) plane; its partial is (channel, sample).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (big)
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = r / C, c = r % C;
         Acc a = Op::zero();
@@ -41,7 +45,7 @@ struct CpuDev {
         part[c * P + n] = a;
       }
     } else {
-#pragma omp parallel
+#pragma omp parallel if (big)
       {
         std::vector<Acc> acc(static_cast<size_t>(C));
 #pragma omp for schedule(static)
@@ -57,7 +61,7 @@ struct CpuDev {
       }
     }
     // Merge each channel's partials in index order.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (big)
     for (int64_t c = 0; c < C; ++c) {
       Acc a = part[c * P];
       for (int64_t p = 1; p < P; ++p) a = Op::merge(a, part[c * P + p]);
@@ -68,7 +72,7 @@ struct CpuDev {
   template <class View>
   static void groups(const View& v, const Geometry& g, const Tensor& /*like*/) {
     const int64_t rows = g.rows(), L8 = g.len8();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * L8 * 8 >= kMinParallelElements)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j8 = 0; j8 < L8; ++j8) v.group(r, j8);
   }
