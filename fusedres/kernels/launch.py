@@ -7,6 +7,7 @@ with the same arguments and results, so the autograd Function is backend-agnosti
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Optional
 
 import torch
@@ -28,8 +29,13 @@ Tensor = torch.Tensor
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch(kernel, grid, *args, **kwargs):
