@@ -16,10 +16,9 @@ with random position, size, colour and noise, so nothing is downloaded and every
 the same images. Seeds are fixed: the same command on the same machine prints the same
 table.
 
-Which code runs: the residual blocks run the fused primitives, i.e. the Triton kernels on
-CUDA and the plain-PyTorch reference backend on a CPU (``fusedres.backend_for``); the plain
-blocks are plain PyTorch everywhere (``PlainBlock``: fusedres fuses BN + ReLU *with* a skip
-add and has no autograd op for a block without one).
+Which code runs: residual and plain blocks alike run the fused primitives (the plain ones
+through the epilogue's no-skip path), i.e. the Triton kernels on CUDA and the plain-PyTorch
+reference backend on a CPU (``fusedres.backend_for``).
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import backend_for
+from .function import fused_residual_block
 from .modules import FusedBasicBlock, FusedPreActBlock
 from .reference import conv1x1, conv3x3
 
@@ -106,7 +106,9 @@ def make_dataset(n: int, size: int = 16, seed: int = 0) -> tuple:
 # --------------------------------------------------------------------------- networks
 
 class PlainBlock(nn.Module):
-    """A residual block's main path with the skip removed, in plain PyTorch.
+    """A residual block's main path with the skip removed, through the fused epilogue's
+    no-skip path (``fused_residual_block(..., skip=False)``), so plain and residual networks
+    differ by the shortcut alone.
 
     Post-activation: ``relu(bn2(conv2(relu(bn1(conv1(x))))))``, the BasicBlock without
     ``+ skip``; pre-activation: ``conv2(relu(bn2(conv1(relu(bn1(x))))))``. Same attribute
@@ -126,9 +128,8 @@ class PlainBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.preact:
-            return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return fused_residual_block(x, [self.conv1, self.conv2], [self.bn1, self.bn2],
+                                    preact=self.preact, skip=False)
 
 
 def _residual_block(inplanes: int, planes: int, stride: int, preact: bool) -> nn.Module:
@@ -308,7 +309,7 @@ def _describe_backend(device: torch.device) -> str:
              "reference": "fusedres reference backend: plain PyTorch",
              "csrc_ref": "fusedres csrc_ref backend: hand-written C++/CUDA"}[name]
     return (f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"residual blocks: {where}; plain blocks: plain PyTorch")
+            f"residual and plain blocks: {where}")
 
 
 def _data_for(cfg: dict) -> tuple:

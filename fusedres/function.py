@@ -63,6 +63,7 @@ class BlockSpec:
     proj_pool: int = 0         # >0: AvgPool2d(k, k, ceil_mode=True, count_include_pad=False) first
     proj_bn: Optional[BNSpec] = None
     recompute: bool = False
+    skip: bool = True          # False: the plain (no-shortcut) form of the block
 
 
 def bn_spec_and_tensors(bn: nn.Module):
@@ -188,8 +189,9 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
             if save:
                 saved.update(xp=xp if spec.proj_pool else None, zd=zd, stats_d=std)
         else:
-            out, mask = ops.run_bn_act_fwd(z, st[2], st[3], _same_layout(x, z),
-                                           None, None, factor, True, save)
+            residual = _same_layout(x, z) if spec.skip else None
+            out, mask = ops.run_bn_act_fwd(z, st[2], st[3], residual, None, None, factor, True,
+                                           save)
         saved["mask"] = mask
     else:
         st = _bn_params(x, B[0], spec.bns[0])
@@ -214,11 +216,11 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
             if save:
                 saved.update(xp=xp if spec.proj_pool else None)
         else:
-            skip = x
+            skip = x if spec.skip else None
         del a0
         if factor is not None:
             z = z * factor.to(z.dtype).view(-1, 1, 1, 1)
-        out = z + _same_layout(skip, z)
+        out = z + _same_layout(skip, z) if skip is not None else z
     if save:
         saved.update(zs=zs, stats=stats,
                      acts=[] if spec.recompute else acts)
@@ -319,7 +321,7 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
             _set_bn_grads(ctx, spec, grads, sums, "bnd", offset=2)
     else:
         dz, dskip, sums = ops.run_bn_act_bwd(
-            dout, zs[-1], st[0], st[1], st[2], st[3], saved["mask"], 2, factor, 1,
+            dout, zs[-1], st[0], st[1], st[2], st[3], saved["mask"], 2, factor, int(spec.skip),
             None, None, None, None, last_bn.batch_stats, False,
             _bn_needs_sums(ctx, spec, "bn", k - 1), None)
     if sums.numel():
@@ -349,7 +351,7 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
             grads[_tensor_index(spec, "wd")] = gwd
         if need_x:
             dx = dx + _pool_backward(gxp, x, spec.proj_pool)
-    elif need_x:
+    elif need_x and spec.skip:
         dx = dx + dskip
     return dx
 
@@ -389,7 +391,7 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
     dx, _, sums = ops.run_bn_act_bwd(
         _same_layout(gin, x), x, st[0], st[1], st[2], st[3], None, 1, None, 0, None, None,
         None, None, spec.bns[0].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", 0),
-        None if spec.proj is not None else _same_layout(dout, x))
+        _same_layout(dout, x) if spec.proj is None and spec.skip else None)
     if sums.numel():
         _set_bn_grads(ctx, spec, grads, sums, "bn", 0)
     return dx if need_x else None
@@ -458,7 +460,8 @@ def _check_norm(name: str, bn, c: int, x: Tensor, act_dtype: torch.dtype, spec: 
 
 def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                          downsample: Optional[tuple] = None, preact: bool = False,
-                         drop_factor: Optional[Tensor] = None, recompute: bool = False) -> Tensor:
+                         drop_factor: Optional[Tensor] = None, recompute: bool = False,
+                         skip: bool = True) -> Tensor:
     """Run one residual block through the fused kernels.
 
     Args:
@@ -473,6 +476,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
         preact: pre-activation (ResNet v2) block, no ReLU after the add.
         drop_factor: optional [N] per-sample factor on the residual branch (stochastic depth).
         recompute: recompute the inner activations in the backward instead of saving them.
+        skip: False for the plain form, the same block without its shortcut (as in the
+            plain networks of the degradation experiment); ``downsample`` must then be None.
 
     Under autocast, x and the conv weights are cast to the autocast dtype here, and batch
     norm keeps its parameters and statistics in their own dtype."""
@@ -491,11 +496,11 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
         dt = torch.get_autocast_dtype(dev_type)
         with torch.autocast(dev_type, enabled=False):
             return _run(x if preact else x.to(dt), convs, norms, downsample, preact,
-                        drop_factor, recompute, dt)
-    return _run(x, convs, norms, downsample, preact, drop_factor, recompute, None)
+                        drop_factor, recompute, dt, skip)
+    return _run(x, convs, norms, downsample, preact, drop_factor, recompute, None, skip)
 
 
-def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype):
+def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype, skip=True):
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     act = cast_dtype or x.dtype  # dtype of the convolutions and of every BN after one
@@ -522,6 +527,8 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
     proj = proj_bn_spec = None
     pool = 0
     wd, bnd = None, (None,) * 5
+    if downsample is not None and not skip:
+        raise ValueError("skip=False (the plain form) takes no downsample, got one")
     if downsample is not None:
         pool, dconv, dnorm = downsample
         _check_conv("downsample conv", dconv, c, x, act, cast_dtype is not None)
@@ -536,7 +543,7 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
             _check_norm("downsample norm", dnorm, c_cur, x, act, proj_bn_spec, (n, c_cur, *hw))
         elif not preact:
             raise ValueError("a post-activation block's projection shortcut needs a norm layer")
-    elif c_cur != c or hw != (h, w):
+    elif skip and (c_cur != c or hw != (h, w)):
         raise ValueError(f"identity shortcut needs the main path to keep the shape [{c}, {h}, {w}], "
                          f"got [{c_cur}, {hw[0]}, {hw[1]}]: pass a downsample")
     if drop_factor is not None:
@@ -548,7 +555,7 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
                      bns=tuple(bn_specs), proj=proj, proj_pool=pool, proj_bn=proj_bn_spec,
-                     recompute=recompute)
+                     recompute=recompute, skip=skip)
     tensors = [*weights, *[t for bt in bn_tensors for t in bt], wd, *bnd]
     grad_needed = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors)

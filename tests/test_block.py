@@ -210,6 +210,38 @@ def test_gradcheck_fp64(device, name):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("preact", [False, True])
+def test_plain_form_without_skip(device, preact):
+    """skip=False: the block without its shortcut (the plain networks of the degradation
+    experiment), through the epilogue's no-skip path."""
+    import torch.nn.functional as F
+    from fusedres import fused_residual_block
+    ref, fus, (c, H, W) = _pair("preact-identity" if preact else "basic-identity", device)
+
+    def plain(m, x):
+        if preact:
+            return m.conv2(F.relu(m.bn2(m.conv1(F.relu(m.bn1(x))))))
+        return F.relu(m.bn2(m.conv2(F.relu(m.bn1(m.conv1(x))))))
+
+    class Plain(nn.Module):
+        def __init__(self, m, fused):
+            super().__init__()
+            self.m, self.fused = m, fused
+
+        def forward(self, x):
+            if not self.fused:
+                return plain(self.m, x)
+            return fused_residual_block(x, [self.m.conv1, self.m.conv2], [self.m.bn1, self.m.bn2],
+                                        preact=preact, skip=False)
+
+    with triton_ran("_bn_act_fwd_kernel", "_bn_act_bwd_apply_kernel"):
+        compare_blocks(Plain(ref, False), Plain(fus, True), _x(3, c, H, W, device), steps=2)
+    with pytest.raises(ValueError, match=r"\(the plain form\) takes no downsample"):
+        fused_residual_block(_x(2, c, H, W, device), [fus.conv1, fus.conv2], [fus.bn1, fus.bn2],
+                             downsample=(0, fus.conv1, None), skip=False)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_double_backward_raises(device):
     _, fus, (c, H, W) = _pair("basic-identity", device)
     x = _x(2, c, H, W, device).requires_grad_()
