@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import benchlib
-from blockcases import (DTYPES, FUSED_PROVIDERS, BlockCase, block_steps, check_against,
-                        compiled_graphs, make_fused_twin, place, provider_backend,
+from blockcases import (DTYPES, BlockCase, block_steps, check_against,
+                        compiled_graphs, make_fused_twin, measure, place, provider_backend,
                         randomize_bn, require_provider)
 
 pytestmark = pytest.mark.block
@@ -103,15 +103,6 @@ def test_block(benchmark, case: BlockCase, mode: str, config, provider: str):
             "shape": [batch, case.inplanes, case.hw, case.hw]}
     info.update(check_against(ref_forward, forward, dtype))
     benchmark.group = f"block {case.name} {mode} {dtype} {layout} N{batch}"
-    t = benchlib.time_device(step, WARMUP, ROUNDS, benchmark)
-    info.update(t)
-    info["images_per_s"] = batch / (t["median_ms"] * 1e-3)
-    info.update(benchlib.peak_memory(step))
-    if provider == "compile" and graphs0 is not None:
-        info["compiled_graphs"] = compiled_graphs() - graphs0
-    if provider in FUSED_PROVIDERS:
-        try:
-            info.update(benchlib.fused_op_profile(step, iters=3 if benchlib.HAS_CUDA else 1))
-        except Exception as e:  # a profiler problem must not cost the timing
-            info["fused_note"] = f"profile failed: {type(e).__name__}: {e}"
+    info.update(measure(benchmark, step, batch, provider, graphs0, WARMUP, ROUNDS,
+                        3 if benchlib.HAS_CUDA else 1))
     benchlib.record(benchmark, info)

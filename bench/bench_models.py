@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import benchlib
-from blockcases import (DTYPES, FUSED_PROVIDERS, compiled_graphs, model_steps, place, provider_backend,
+from blockcases import (DTYPES, FUSED_PROVIDERS, compiled_graphs, measure, model_steps, place, provider_backend,
                         randomize_bn, require_provider)
 
 pytestmark = pytest.mark.model
@@ -155,17 +155,8 @@ def test_model(benchmark, name, mode, config, provider):
 
     def step():
         last["out"] = timed_step()
-    t = benchlib.time_device(step, WARMUP, ROUNDS, benchmark)
-    info.update(t)
-    info["images_per_s"] = batch / (t["median_ms"] * 1e-3)
-    info.update(benchlib.peak_memory(step))
-    if provider == "compile" and graphs0 is not None:
-        info["compiled_graphs"] = compiled_graphs() - graphs0
-    if provider in FUSED_PROVIDERS:
-        try:
-            info.update(benchlib.fused_op_profile(step, iters=2 if benchlib.HAS_CUDA else 1))
-        except Exception as e:
-            info["fused_note"] = f"profile failed: {type(e).__name__}: {e}"
+    info.update(measure(benchmark, step, batch, provider, graphs0, WARMUP, ROUNDS,
+                        2 if benchlib.HAS_CUDA else 1))
     if mode == "train_step":
         loss = last["out"]
         info["final_loss"] = float(loss.detach())

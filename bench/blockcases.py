@@ -127,6 +127,23 @@ def compiled_graphs() -> Optional[int]:
         return None
 
 
+def measure(benchmark, step: Callable, batch: int, provider: str, graphs0: Optional[int],
+            warmup: int, rounds: int, profile_iters: int) -> dict:
+    """Time ``step`` (images/s), its peak memory, the graphs torch.compile made for it and,
+    for the fused providers, the fused kernels' time against the byte floor."""
+    info = benchlib.time_device(step, warmup, rounds, benchmark)
+    info["images_per_s"] = batch / (info["median_ms"] * 1e-3)
+    info.update(benchlib.peak_memory(step))
+    if provider == "compile" and graphs0 is not None:
+        info["compiled_graphs"] = compiled_graphs() - graphs0
+    if provider in FUSED_PROVIDERS:
+        try:
+            info.update(benchlib.fused_op_profile(step, iters=profile_iters))
+        except Exception as e:  # a profiler problem must not cost the timing
+            info["fused_note"] = f"profile failed: {type(e).__name__}: {e}"
+    return info
+
+
 # ---------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------

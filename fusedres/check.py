@@ -195,7 +195,6 @@ def benchmark(models: dict, x: torch.Tensor, amp: Optional[torch.dtype], warmup:
             t = _time_cuda(fn, warmup, iters)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             rows.append((provider, mode, x.shape[0] / t, peak))
-        del opt
     return rows
 
 

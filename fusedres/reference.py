@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import is_channels_last, stats_dtype
+from .layout import is_channels_last, memory_format, stats_dtype
 
 # ---------------------------------------------------------------------------------------
 # Primitives
@@ -102,16 +102,12 @@ def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
         else:
             v = v + _acc(skip)
     out = torch.where(v < 0, 0.0, v) if relu else v
-    y = out.to(z.dtype).contiguous(memory_format=_fmt(z))
+    y = out.to(z.dtype).contiguous(memory_format=memory_format(z))
     if write_mask:
-        mask = pack_relu_mask(~(v <= 0).contiguous(memory_format=_fmt(z)))
+        mask = pack_relu_mask(~(v <= 0).contiguous(memory_format=memory_format(z)))
     else:
         mask = z.new_empty((0,), dtype=torch.uint8)
     return y, mask
-
-
-def _fmt(t: Tensor):
-    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
@@ -121,7 +117,7 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                batch_stats: bool, batch_stats_d: bool, need_sums: bool,
                dz_add: Optional[Tensor]):
     """Backward of bn_act_fwd; see fusedres.kernels.launch.bn_act_bwd for the contract."""
-    fmt = _fmt(z)
+    fmt = memory_format(z)
     g = _acc(dy)
     if mask_mode == 1:
         keep = ~((_acc(z) * _per_channel(scale) + _per_channel(shift)) <= 0)

@@ -20,9 +20,6 @@ import triton.language as tl
 from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, mask_sample_base,
                       program_tile, relu_grad, relu_keep, sample_base, unpack_bits)
 
-MASK_NONE, MASK_RECOMPUTE, MASK_BITS = 0, 1, 2
-
-
 @triton.jit
 def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
                        FROM_BITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
