@@ -1,11 +1,13 @@
 // fusedres csrc_ref: the fused batch-norm primitives hand-written in C++ (CPU) and CUDA.
 //
 // A second, independent implementation of fusedres.reference's bn_stats / bn_act_fwd /
-// bn_act_bwd (same arguments, same results), used as an oracle for the Triton kernels and
-// as the hand-written baseline in the benchmarks. This header holds everything the CPU and
-// the CUDA builds share: the arithmetic (host+device functions), the per-element "views"
-// and per-channel reduction "ops" that both backends drive, and the host code that checks
-// arguments and allocates results. A backend (`Dev`) only supplies two traversals:
+// bn_act_bwd and of the pieces synchronised batch norm runs around its all-reduces
+// (bn_moments, bn_stats_from_moments, bn_act_bwd_reduce, bn_act_bwd_apply), with the same
+// arguments and results, used as an oracle for the Triton kernels and as the hand-written
+// baseline in the benchmarks. This header holds everything the CPU and the CUDA builds
+// share: the arithmetic (host+device functions), the per-element "views" and per-channel
+// reduction "ops" that both backends drive, and the host code that checks arguments and
+// allocates results. A backend (`Dev`) only supplies two traversals:
 //
 //   Dev::reduce(op, geometry, like): per-channel reduction with op.push/merge, then
 //       op.finalize(c, acc) once per channel; deterministic (fixed partition, fixed order,
@@ -191,11 +193,10 @@ FR_HD void store8(T* p, int cnt, bool vec, const T (&v)[8]) {
 // Statistics: Welford per element, Chan across partials, then the per-channel epilogue
 // ---------------------------------------------------------------------------------------
 
-template <class T, class A>
-struct StatsOp {
-  using Acc = Welford<A>;
-  Geometry g;
-  const T* x;
+// The per-channel epilogue of bn_stats and bn_stats_from_moments: from a channel's merged
+// (count, mean, M2) to mean, rstd, scale, shift and the running-statistics update.
+template <class A>
+struct StatsEpilogue {
   const A* weight;         // [C] or null
   const A* bias;           // [C] or null
   A* running_mean;         // [C] updated in place (update), already in A
@@ -208,6 +209,55 @@ struct StatsOp {
   A* scale;
   A* shift;
 
+  FR_HD void operator()(int64_t c, const Welford<A>& s) const {
+    if (s.n == 0) {  // every merged batch empty: as bn_stats on an empty batch
+      mean[c] = A(0);
+      rstd[c] = A(1);
+      scale[c] = A(0);
+      shift[c] = A(0);
+      return;
+    }
+    const A var = s.m2 / A(s.n);
+    const A r = A(1) / fr_sqrt(var + eps);
+    const A sc = weight ? r * weight[c] : r;
+    A sh = -s.mean * sc;
+    if (bias) sh = sh + bias[c];
+    mean[c] = s.mean;
+    rstd[c] = r;
+    scale[c] = sc;
+    shift[c] = sh;
+    if (update) {
+      // momentum=None: cumulative average, 1/num_batches_tracked read here on the device
+      // (PyTorch's module calls float() on it, a host sync that breaks CUDA graphs).
+      const A f = cumulative ? A(1) / A(*nbt) : momentum;
+      const A unbiased = s.m2 / A(s.n - 1);
+      running_mean[c] = (A(1) - f) * running_mean[c] + f * s.mean;
+      running_var[c] = (A(1) - f) * running_var[c] + f * unbiased;
+    }
+  }
+};
+
+// bn_moments' epilogue: the channel's (count, mean, M2) as column c of a [3, C] tensor.
+template <class A>
+struct MomentsOut {
+  A* moments;
+  int64_t C;
+
+  FR_HD void operator()(int64_t c, const Welford<A>& s) const {
+    moments[c] = A(s.n);
+    moments[C + c] = s.mean;
+    moments[2 * C + c] = s.m2;
+  }
+};
+
+// Welford over x, then `epi(c, (count, mean, M2))` per channel.
+template <class T, class A, class Epi>
+struct StatsOp {
+  using Acc = Welford<A>;
+  Geometry g;
+  const T* x;
+  Epi epi;
+
   // Every summary of channel c is of x - pivot(c), one of the channel's own values: the
   // shifted values are of the order of the std, so no running or partial mean is rounded at
   // the scale of |mean| (in fp32, mean 1e3 with std 1e-2 would otherwise lose ~1e-3 of the
@@ -219,26 +269,29 @@ struct StatsOp {
   FR_HD void push(Acc& a, int64_t r, int64_t j, int64_t /*n*/, int64_t c) const {
     welford_push(a, A(x[r * g.len() + j]) - pivot(c));
   }
-  FR_HD void finalize(int64_t c, const Acc& a) const {
-    const A var = a.m2 / A(a.n);
-    const A r = A(1) / fr_sqrt(var + eps);
-    const A sc = weight ? r * weight[c] : r;
-    const A mu = pivot(c) + a.mean;
-    A sh = -mu * sc;
-    if (bias) sh = sh + bias[c];
-    mean[c] = mu;
-    rstd[c] = r;
-    scale[c] = sc;
-    shift[c] = sh;
-    if (update) {
-      // momentum=None: cumulative average, 1/num_batches_tracked read here on the device
-      // (PyTorch's module calls float() on it, a host sync that breaks CUDA graphs).
-      const A f = cumulative ? A(1) / A(*nbt) : momentum;
-      const A unbiased = a.m2 / A(a.n - 1);
-      running_mean[c] = (A(1) - f) * running_mean[c] + f * mu;
-      running_var[c] = (A(1) - f) * running_var[c] + f * unbiased;
-    }
+  FR_HD void finalize(int64_t c, const Acc& a) const { epi(c, {a.n, pivot(c) + a.mean, a.m2}); }
+};
+
+// bn_stats_from_moments: Chan's merge of an [R, 3, C] stack of bn_moments, walked as R
+// samples of C one-element planes (Geometry{R, C, 1, NCHW}) so that both backends' reduce
+// serves unchanged; each element pushes one rank's whole (count, mean, M2).
+template <class A>
+struct MomentsMergeOp {
+  using Acc = Welford<A>;
+  const A* moments;        // [R, 3, C]
+  int64_t C;
+  StatsEpilogue<A> epi;
+
+  FR_HD static Acc zero() { return {0, A(0), A(0)}; }
+  FR_HD static Acc merge(const Acc& a, const Acc& b) { return chan_combine(a, b); }
+  FR_HD void push(Acc& a, int64_t /*r*/, int64_t /*j*/, int64_t n, int64_t c) const {
+    const A* m = moments + n * 3 * C + c;
+    // Counts are whole numbers stored in A. A row with count 0 is skipped outright: its
+    // mean may be anything, and delta * 0 is NaN for an infinite delta.
+    const int64_t cnt = static_cast<int64_t>(m[0]);
+    if (cnt > 0) a = chan_combine(a, Acc{cnt, m[C], m[2 * C]});
   }
+  FR_HD void finalize(int64_t c, const Acc& a) const { epi(c, a); }
 };
 
 // ---------------------------------------------------------------------------------------
@@ -373,7 +426,7 @@ struct GradSumOp {
   int K;                   // 2, or 4 with the projection BN
   int64_t count;           // M = N*H*W
   A* sums;                 // [K, C] out
-  A* coef;                 // [4, C] out: sums / M for the elementwise pass
+  A* coef;                 // [4, C] out: sums / M for the elementwise pass, or null
 
   FR_HD static Acc zero() { return {{A(0), A(0), A(0), A(0)}}; }
   FR_HD static Acc merge(const Acc& a, const Acc& b) {
@@ -396,7 +449,7 @@ struct GradSumOp {
     const int64_t C = v.g.C;
     for (int k = 0; k < 4; ++k) {
       if (k < K) sums[k * C + c] = a.s[k];
-      coef[k * C + c] = a.s[k] / A(count);
+      if (coef) coef[k * C + c] = a.s[k] / A(count);
     }
   }
 };
@@ -489,58 +542,132 @@ inline bool aligned16(const Tensor& t) {
 #define FR_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
+// bn_stats and bn_stats_from_moments around their reductions: the argument checks, the
+// batch count, the outputs, the running statistics in A (a copy when stored in another
+// dtype) and their write-back.
+struct StatsHost {
+  bool update, cumulative;
+  OptTensor running_mean, running_var, nbt;
+  double momentum, eps;
+  Tensor mean, rstd, scale, shift;  // [C] outputs in the statistics dtype
+  Tensor w, b, rm, rv;              // [C] in the statistics dtype, or undefined
+
+  // Checks everything before it counts the batch: a bad argument changes nothing.
+  StatsHost(const char* op, const Tensor& like, int64_t C, at::ScalarType sdt,
+            const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean_,
+            const OptTensor& running_var_, const OptTensor& nbt_,
+            std::optional<double> momentum_, double eps_)
+      : update(has(running_mean_)), cumulative(update && !momentum_.has_value()),
+        running_mean(running_mean_), running_var(running_var_), nbt(nbt_),
+        momentum(momentum_.value_or(0.0)), eps(eps_) {
+    TORCH_CHECK_VALUE(!update || has(running_var), op,
+                      ": running_var must be given together with running_mean");
+    TORCH_CHECK_VALUE(!cumulative || has(nbt), op,
+                      ": momentum=None (cumulative average) needs num_batches_tracked");
+    if (cumulative) {
+      TORCH_CHECK_TYPE(nbt->scalar_type() == at::kLong, "num_batches_tracked must be int64, got ",
+                       dtype_str(*nbt));
+      TORCH_CHECK_VALUE(nbt->device() == like.device(), "num_batches_tracked must be on ",
+                        device_str(like));
+    }
+    w = opt_vec("weight", weight, C, sdt, like);
+    b = opt_vec("bias", bias, C, sdt, like);
+    if (update) {
+      rm = vec_in("running_mean", *running_mean, C, sdt, like);
+      rv = vec_in("running_var", *running_var, C, sdt, like);
+    }
+    const auto opts = like.options().dtype(sdt).memory_format(at::MemoryFormat::Contiguous);
+    mean = at::empty({C}, opts);
+    rstd = at::empty({C}, opts);
+    scale = at::empty({C}, opts);
+    shift = at::empty({C}, opts);
+    if (update && has(nbt)) nbt->add_(1);
+  }
+
+  template <class A>
+  StatsEpilogue<A> epilogue() const {
+    return {cptr<A>(w), cptr<A>(b), mptr<A>(rm), mptr<A>(rv),
+            cumulative ? nbt->const_data_ptr<int64_t>() : nullptr, A(momentum), A(eps), update,
+            cumulative, mptr<A>(mean), mptr<A>(rstd), mptr<A>(scale), mptr<A>(shift)};
+  }
+
+  // As PyTorch on an empty batch: statistics untouched, the batch still counted.
+  std::tuple<Tensor, Tensor, Tensor, Tensor> empty_batch() const {
+    mean.zero_();
+    rstd.fill_(1.0);
+    scale.zero_();
+    shift.zero_();
+    return {mean, rstd, scale, shift};
+  }
+
+  std::tuple<Tensor, Tensor, Tensor, Tensor> finish() const {
+    if (update) {
+      if (!rm.is_same(*running_mean)) running_mean->copy_(rm.view(running_mean->sizes()));
+      if (!rv.is_same(*running_var)) running_var->copy_(rv.view(running_var->sizes()));
+    }
+    return {mean, rstd, scale, shift};
+  }
+};
+
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats_host(
     const Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
   check_activation("x", x_in);
-  const int64_t C = x_in.size(1);
-  const auto sdt = stats_dtype(x_in);
-  const auto opts = x_in.options().dtype(sdt).memory_format(at::MemoryFormat::Contiguous);
-  const bool update = has(running_mean);
-  TORCH_CHECK_VALUE(!update || has(running_var),
-                    "bn_stats: running_var must be given together with running_mean");
-  const bool cumulative = update && !momentum.has_value();
-  TORCH_CHECK_VALUE(!cumulative || has(num_batches_tracked),
-                    "bn_stats: momentum=None (cumulative average) needs num_batches_tracked");
-  if (update && has(num_batches_tracked)) num_batches_tracked->add_(1);
-  Tensor mean = at::empty({C}, opts), rstd = at::empty({C}, opts);
-  Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts);
-  if (x_in.numel() == 0) {  // as PyTorch: statistics untouched, the batch still counted
-    mean.zero_(); rstd.fill_(1.0); scale.zero_(); shift.zero_();
-    return {mean, rstd, scale, shift};
-  }
   const Geometry g = geometry(x_in);
   const Tensor x = in_layout(x_in, g.cl);
-  const Tensor w = opt_vec("weight", weight, C, sdt, x), b = opt_vec("bias", bias, C, sdt, x);
-  // Running statistics may be stored in another dtype: update a copy in A, then copy back.
-  Tensor rm, rv;
-  if (update) {
-    rm = vec_in("running_mean", *running_mean, C, sdt, x);
-    rv = vec_in("running_var", *running_var, C, sdt, x);
-  }
-  if (cumulative) {
-    TORCH_CHECK_TYPE(num_batches_tracked->scalar_type() == at::kLong,
-                     "num_batches_tracked must be int64, got ",
-                     dtype_str(*num_batches_tracked));
-    TORCH_CHECK_VALUE(num_batches_tracked->device() == x.device(),
-                      "num_batches_tracked must be on ", device_str(x));
-  }
+  const StatsHost s("bn_stats", x, g.C, stats_dtype(x), weight, bias, running_mean, running_var,
+                    num_batches_tracked, momentum, eps);
+  if (x.numel() == 0) return s.empty_batch();
   FR_DISPATCH(x.scalar_type(), "fusedres_csrc_ref::bn_stats", [&] {
     using A = at::opmath_type<scalar_t>;
-    StatsOp<scalar_t, A> op{g, x.const_data_ptr<scalar_t>(), cptr<A>(w), cptr<A>(b),
-                            mptr<A>(rm), mptr<A>(rv),
-                            cumulative ? num_batches_tracked->const_data_ptr<int64_t>() : nullptr,
-                            A(momentum.value_or(0.0)), A(eps), update, cumulative,
-                            mptr<A>(mean), mptr<A>(rstd), mptr<A>(scale), mptr<A>(shift)};
+    StatsOp<scalar_t, A, StatsEpilogue<A>> op{g, x.const_data_ptr<scalar_t>(),
+                                              s.epilogue<A>()};
     Dev::reduce(op, g, x);
   });
-  if (update) {
-    if (!rm.is_same(*running_mean)) running_mean->copy_(rm.view(running_mean->sizes()));
-    if (!rv.is_same(*running_var)) running_var->copy_(rv.view(running_var->sizes()));
-  }
-  return {mean, rstd, scale, shift};
+  return s.finish();
+}
+
+template <class Dev>
+Tensor bn_moments_host(const Tensor& x_in) {
+  check_activation("x", x_in);
+  const Geometry g = geometry(x_in);
+  const Tensor x = in_layout(x_in, g.cl);
+  Tensor moments = at::empty({3, g.C}, x.options().dtype(stats_dtype(x)).memory_format(
+                                           at::MemoryFormat::Contiguous));
+  if (x.numel() == 0) return moments.zero_();
+  FR_DISPATCH(x.scalar_type(), "fusedres_csrc_ref::bn_moments", [&] {
+    using A = at::opmath_type<scalar_t>;
+    StatsOp<scalar_t, A, MomentsOut<A>> op{g, x.const_data_ptr<scalar_t>(),
+                                           {mptr<A>(moments), g.C}};
+    Dev::reduce(op, g, x);
+  });
+  return moments;
+}
+
+template <class Dev>
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats_from_moments_host(
+    const Tensor& moments_in, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
+  TORCH_CHECK_VALUE(moments_in.dim() == 3 && moments_in.size(1) == 3,
+                    "moments must have shape [R, 3, C], got ", shape_str(moments_in));
+  const auto sdt = moments_in.scalar_type();
+  TORCH_CHECK_TYPE(sdt == at::kFloat || sdt == at::kDouble,
+                   "moments must be float32 or float64, got ", dtype_str(moments_in));
+  const Tensor moments = moments_in.contiguous();
+  // Geometry{N = R, C, HW = 1}: see MomentsMergeOp.
+  const Geometry g{moments.size(0), moments.size(2), 1, false};
+  const StatsHost s("bn_stats_from_moments", moments, g.C, sdt, weight, bias, running_mean,
+                    running_var, num_batches_tracked, momentum, eps);
+  if (moments.numel() == 0) return s.empty_batch();  // R = 0: no batch at all
+  AT_DISPATCH_FLOATING_TYPES(sdt, "fusedres_csrc_ref::bn_stats_from_moments", [&] {
+    using A = scalar_t;
+    MomentsMergeOp<A> op{moments.const_data_ptr<A>(), g.C, s.epilogue<A>()};
+    Dev::reduce(op, g, moments);
+  });
+  return s.finish();
 }
 
 template <class Dev>
@@ -580,79 +707,169 @@ std::tuple<Tensor, Tensor> bn_act_fwd_host(
   return {y, mask};
 }
 
+
+// The inputs that bn_act_bwd, bn_act_bwd_reduce and bn_act_bwd_apply share, checked and in
+// z's layout (nothing past z and dy when z is empty: nothing is read then).
+struct BwdArgs {
+  Geometry g;
+  int mask_mode, skip_mode;
+  at::ScalarType sdt;
+  Tensor z, dy, zd, mask;
+  Tensor mean, rstd, scale, shift, factor, mean_d, rstd_d, scale_d;  // in sdt
+
+  // scale_d: null for bn_act_bwd_reduce, which takes none.
+  BwdArgs(const char* op, const Tensor& dy_in, const Tensor& z_in, const Tensor& mean_in,
+          const Tensor& rstd_in, const Tensor& scale_in, const Tensor& shift_in,
+          const OptTensor& mask_in, int64_t mask_mode_, const OptTensor& factor_in,
+          int64_t skip_mode_, const OptTensor& zd_in, const OptTensor& mean_d_in,
+          const OptTensor& rstd_d_in, const OptTensor* scale_d_in) {
+    check_activation("z", z_in);
+    TORCH_CHECK_VALUE(mask_mode_ >= 0 && mask_mode_ <= 2, "mask_mode must be 0, 1 or 2, got ",
+                      num(mask_mode_));
+    TORCH_CHECK_VALUE(skip_mode_ >= 0 && skip_mode_ <= 2, "skip_mode must be 0, 1 or 2, got ",
+                      num(skip_mode_));
+    mask_mode = int(mask_mode_);
+    skip_mode = int(skip_mode_);
+    g = geometry(z_in);
+    z = in_layout(z_in, g.cl);
+    dy = same_as("dy", dy_in, z, g.cl);
+    sdt = stats_dtype(z);
+    const bool skip_bn = skip_mode == 2;
+    if (skip_bn) {
+      TORCH_CHECK_VALUE(has(zd_in) && has(mean_d_in) && has(rstd_d_in) &&
+                            (!scale_d_in || has(*scale_d_in)),
+                        op, ": skip_mode 2 needs ",
+                        scale_d_in ? "zd, mean_d, rstd_d and scale_d" : "zd, mean_d and rstd_d");
+    }
+    if (z.numel() == 0) return;
+    if (skip_bn) zd = same_as("zd", *zd_in, z, g.cl);
+    if (mask_mode == 2) {
+      TORCH_CHECK_VALUE(has(mask_in), op, ": mask_mode 2 needs the packed mask");
+      TORCH_CHECK_TYPE(mask_in->scalar_type() == at::kByte, "mask must be uint8, got ",
+                       dtype_str(*mask_in));
+      TORCH_CHECK_VALUE(mask_in->numel() == g.rows() * g.len8(), "mask must have shape [",
+                        num(g.N), ", ", num(g.lines_per_sample()), ", ", num(g.len8()),
+                        "], got ", shape_str(*mask_in));
+      TORCH_CHECK_VALUE(mask_in->device() == z.device(), "mask must be on ", device_str(z));
+      mask = mask_in->contiguous();
+    }
+    const int64_t C = g.C;
+    mean = vec_in("mean", mean_in, C, sdt, z);
+    rstd = vec_in("rstd", rstd_in, C, sdt, z);
+    scale = vec_in("scale", scale_in, C, sdt, z);
+    shift = vec_in("shift", shift_in, C, sdt, z);
+    factor = opt_vec("factor", factor_in, g.N, sdt, z);
+    if (skip_bn) {
+      mean_d = vec_in("mean_d", *mean_d_in, C, sdt, z);
+      rstd_d = vec_in("rstd_d", *rstd_d_in, C, sdt, z);
+      if (scale_d_in) scale_d = vec_in("scale_d", **scale_d_in, C, sdt, z);
+    }
+  }
+
+  bool empty() const { return z.numel() == 0; }
+  int K() const { return skip_mode == 2 ? 4 : 2; }  // rows of the sums
+  Tensor new_sums(int64_t rows) const { return at::empty({rows, g.C}, z.options().dtype(sdt)); }
+  Tensor new_activation() const {
+    return at::empty(z.sizes(), z.options().memory_format(format_of(g.cl)));
+  }
+  Tensor new_dskip() const { return skip_mode ? new_activation() : at::empty({0}, z.options()); }
+
+  // coef: [4, C] sums / M (null without batch statistics); dz, dskip: null for the
+  // reduction, which writes neither.
+  template <class T, class A>
+  BwdView<T, A> view(const Tensor& coef, bool batch_stats, bool batch_stats_d,
+                     const Tensor& dz_add, const Tensor& dz, const Tensor& dskip) const {
+    const bool vec = g.len() % 8 == 0 && aligned16(dy) && aligned16(z) && aligned16(zd) &&
+                     aligned16(dz_add) && aligned16(dz) && aligned16(dskip);
+    return {g, dy.const_data_ptr<T>(), z.const_data_ptr<T>(), cptr<A>(mean), cptr<A>(rstd),
+            cptr<A>(scale), cptr<A>(shift), mask_mode, cptr<uint8_t>(mask), cptr<A>(factor),
+            skip_mode, cptr<T>(zd), cptr<A>(mean_d), cptr<A>(rstd_d), cptr<A>(scale_d),
+            cptr<A>(coef), batch_stats, skip_mode == 2 && batch_stats_d, cptr<T>(dz_add),
+            mptr<T>(dz), skip_mode ? mptr<T>(dskip) : nullptr, vec};
+  }
+
+  // The per-channel sums into `sums` [K, C] and, when coef is defined, sums / M into it.
+  template <class Dev, class T, class A>
+  void reduce(const BwdView<T, A>& v, const Tensor& sums, const Tensor& coef) const {
+    GradSumOp<T, A> op{v, K(), g.rows() * g.len() / g.C, mptr<A>(sums), mptr<A>(coef)};
+    Dev::reduce(op, g, z);
+  }
+};
+
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor> bn_act_bwd_host(
-    const Tensor& dy_in, const Tensor& z_in, const Tensor& mean, const Tensor& rstd,
+    const Tensor& dy, const Tensor& z, const Tensor& mean, const Tensor& rstd,
     const Tensor& scale, const Tensor& shift, const OptTensor& mask, int64_t mask_mode,
-    const OptTensor& factor, int64_t skip_mode, const OptTensor& zd_in, const OptTensor& mean_d,
+    const OptTensor& factor, int64_t skip_mode, const OptTensor& zd, const OptTensor& mean_d,
     const OptTensor& rstd_d, const OptTensor& scale_d, bool batch_stats, bool batch_stats_d,
     bool need_sums, const OptTensor& dz_add_in) {
-  check_activation("z", z_in);
-  TORCH_CHECK_VALUE(mask_mode >= 0 && mask_mode <= 2, "mask_mode must be 0, 1 or 2, got ",
-                    num(mask_mode));
-  TORCH_CHECK_VALUE(skip_mode >= 0 && skip_mode <= 2, "skip_mode must be 0, 1 or 2, got ",
-                    num(skip_mode));
-  const Geometry g = geometry(z_in);
-  const Tensor z = in_layout(z_in, g.cl);
-  const Tensor dy = same_as("dy", dy_in, z, g.cl);
-  const auto sdt = stats_dtype(z);
-  const auto fmt_opts = z.options().memory_format(format_of(g.cl));
-  const bool skip_bn = skip_mode == 2;
-  const bool reduce = batch_stats || need_sums || (skip_bn && batch_stats_d);
-  const int K = skip_bn ? 4 : 2;
-  Tensor dz = at::empty(z.sizes(), fmt_opts);
-  Tensor dskip = skip_mode ? at::empty(z.sizes(), fmt_opts) : at::empty({0}, z.options());
-  Tensor sums = reduce ? at::empty({K, g.C}, z.options().dtype(sdt))
-                       : at::empty({0}, z.options().dtype(sdt));
-  if (skip_bn) {
-    TORCH_CHECK_VALUE(has(zd_in) && has(mean_d) && has(rstd_d) && has(scale_d),
-                      "bn_act_bwd: skip_mode 2 needs zd, mean_d, rstd_d and scale_d");
-  }
-  if (z.numel() == 0) {
-    if (reduce) sums.zero_();
-    return {dz, dskip, sums};
-  }
-  const Tensor zd = skip_bn ? same_as("zd", *zd_in, z, g.cl) : Tensor();
-  const Tensor dz_add = has(dz_add_in) ? same_as("dz_add", *dz_add_in, z, g.cl) : Tensor();
-  Tensor m;
-  if (mask_mode == 2) {
-    TORCH_CHECK_VALUE(has(mask), "bn_act_bwd: mask_mode 2 needs the packed mask");
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kByte, "mask must be uint8, got ",
-                     dtype_str(*mask));
-    TORCH_CHECK_VALUE(mask->numel() == g.rows() * g.len8(), "mask must have shape [",
-                      num(g.N), ", ", num(g.lines_per_sample()), ", ", num(g.len8()), "], got ",
-                      shape_str(*mask));
-    TORCH_CHECK_VALUE(mask->device() == z.device(), "mask must be on ", device_str(z));
-    m = mask->contiguous();
-  }
-  const int64_t C = g.C;
-  const Tensor mu = vec_in("mean", mean, C, sdt, z), rs = vec_in("rstd", rstd, C, sdt, z);
-  const Tensor sc = vec_in("scale", scale, C, sdt, z), sh = vec_in("shift", shift, C, sdt, z);
-  const Tensor f = opt_vec("factor", factor, g.N, sdt, z);
-  const Tensor mu_d = skip_bn ? vec_in("mean_d", *mean_d, C, sdt, z) : Tensor();
-  const Tensor rs_d = skip_bn ? vec_in("rstd_d", *rstd_d, C, sdt, z) : Tensor();
-  const Tensor sc_d = skip_bn ? vec_in("scale_d", *scale_d, C, sdt, z) : Tensor();
-  const Tensor coef = reduce ? at::empty({4, C}, z.options().dtype(sdt)) : Tensor();
-  const bool vec = g.len() % 8 == 0 && aligned16(dy) && aligned16(z) && aligned16(zd) &&
-                   aligned16(dz_add) && aligned16(dz) && aligned16(dskip);
-  FR_DISPATCH(z.scalar_type(), "fusedres_csrc_ref::bn_act_bwd", [&] {
+  const BwdArgs a("bn_act_bwd", dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                  skip_mode, zd, mean_d, rstd_d, &scale_d);
+  const bool reduce = batch_stats || need_sums || (a.skip_mode == 2 && batch_stats_d);
+  Tensor dz = a.new_activation(), dskip = a.new_dskip();
+  Tensor sums = reduce ? a.new_sums(a.K()) : at::empty({0}, a.z.options().dtype(a.sdt));
+  if (a.empty()) return {dz, dskip, sums.zero_()};
+  const Tensor dz_add = has(dz_add_in) ? same_as("dz_add", *dz_add_in, a.z, a.g.cl) : Tensor();
+  const Tensor coef = reduce ? a.new_sums(4) : Tensor();
+  FR_DISPATCH(a.z.scalar_type(), "fusedres_csrc_ref::bn_act_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    using T = scalar_t;
-    BwdView<T, A> v{g, dy.const_data_ptr<T>(), z.const_data_ptr<T>(), cptr<A>(mu),
-                    cptr<A>(rs), cptr<A>(sc), cptr<A>(sh), int(mask_mode),
-                    m.defined() ? m.const_data_ptr<uint8_t>() : nullptr, cptr<A>(f),
-                    int(skip_mode), zd.defined() ? zd.const_data_ptr<T>() : nullptr,
-                    cptr<A>(mu_d), cptr<A>(rs_d), cptr<A>(sc_d),
-                    cptr<A>(coef), batch_stats, skip_bn && batch_stats_d,
-                    dz_add.defined() ? dz_add.const_data_ptr<T>() : nullptr,
-                    dz.data_ptr<T>(), skip_mode ? dskip.data_ptr<T>() : nullptr, vec};
-    if (reduce) {
-      GradSumOp<T, A> op{v, K, g.rows() * g.len() / C, mptr<A>(sums), mptr<A>(coef)};
-      Dev::reduce(op, g, z);
-    }
-    Dev::groups(v, g, z);
+    const auto v = a.view<scalar_t, A>(coef, batch_stats, batch_stats_d, dz_add, dz, dskip);
+    if (reduce) a.reduce<Dev>(v, sums, coef);
+    Dev::groups(v, a.g, a.z);
   });
   return {dz, dskip, sums};
+}
+
+template <class Dev>
+Tensor bn_act_bwd_reduce_host(
+    const Tensor& dy, const Tensor& z, const Tensor& mean, const Tensor& rstd,
+    const Tensor& scale, const Tensor& shift, const OptTensor& mask, int64_t mask_mode,
+    const OptTensor& factor, int64_t skip_mode, const OptTensor& zd, const OptTensor& mean_d,
+    const OptTensor& rstd_d) {
+  const BwdArgs a("bn_act_bwd_reduce", dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                  skip_mode, zd, mean_d, rstd_d, nullptr);
+  Tensor sums = a.new_sums(a.K());
+  if (a.empty()) return sums.zero_();
+  FR_DISPATCH(a.z.scalar_type(), "fusedres_csrc_ref::bn_act_bwd_reduce", [&] {
+    using A = at::opmath_type<scalar_t>;
+    a.reduce<Dev>(a.view<scalar_t, A>(Tensor(), false, false, Tensor(), Tensor(), Tensor()),
+                  sums, Tensor());
+  });
+  return sums;
+}
+
+template <class Dev>
+std::tuple<Tensor, Tensor> bn_act_bwd_apply_host(
+    const Tensor& dy, const Tensor& z, const Tensor& mean, const Tensor& rstd,
+    const Tensor& scale, const Tensor& shift, const OptTensor& mask, int64_t mask_mode,
+    const OptTensor& factor, int64_t skip_mode, const OptTensor& zd, const OptTensor& mean_d,
+    const OptTensor& rstd_d, const OptTensor& scale_d, bool batch_stats, bool batch_stats_d,
+    const OptTensor& dz_add_in, const Tensor& mean_sums) {
+  const BwdArgs a("bn_act_bwd_apply", dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                  skip_mode, zd, mean_d, rstd_d, &scale_d);
+  Tensor dz = a.new_activation(), dskip = a.new_dskip();
+  if (a.empty()) return {dz, dskip};
+  const Tensor dz_add = has(dz_add_in) ? same_as("dz_add", *dz_add_in, a.z, a.g.cl) : Tensor();
+  // Rows 0-1 are read with batch_stats, rows 2-3 with the projection's batch_stats_d.
+  const int64_t rows = a.skip_mode == 2 && batch_stats_d ? 4 : batch_stats ? 2 : 0;
+  Tensor coef;
+  if (rows) {
+    TORCH_CHECK_VALUE(mean_sums.dim() == 2 && mean_sums.size(0) >= rows &&
+                          mean_sums.size(1) == a.g.C,
+                      "mean_sums must have shape [", num(rows), ", ", num(a.g.C), "], got ",
+                      shape_str(mean_sums));
+    TORCH_CHECK_TYPE(mean_sums.is_floating_point(), "mean_sums must be floating point, got ",
+                     dtype_str(mean_sums));
+    TORCH_CHECK_VALUE(mean_sums.device() == a.z.device(), "mean_sums must be on ",
+                      device_str(a.z), ", got ", device_str(mean_sums));
+    coef = mean_sums.to(a.sdt).contiguous();
+  }
+  FR_DISPATCH(a.z.scalar_type(), "fusedres_csrc_ref::bn_act_bwd_apply", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Dev::groups(a.view<scalar_t, A>(coef, batch_stats, batch_stats_d, dz_add, dz, dskip), a.g,
+                a.z);
+  });
+  return {dz, dskip};
 }
 
 }  // namespace fusedres_ref

@@ -94,6 +94,22 @@ TORCH_LIBRARY(fusedres_csrc_ref, m) {
       "Tensor? mask, int mask_mode, Tensor? factor, int skip_mode, Tensor? zd, Tensor? mean_d, "
       "Tensor? rstd_d, Tensor? scale_d, bool batch_stats, bool batch_stats_d, bool need_sums, "
       "Tensor? dz_add) -> (Tensor, Tensor, Tensor)");
+  // The pieces of bn_stats and bn_act_bwd that synchronised batch norm runs around its
+  // all-reduces of the moments and of the sums.
+  m.def("bn_moments(Tensor x) -> Tensor");
+  m.def(
+      "bn_stats_from_moments(Tensor moments, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "float? momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_act_bwd_reduce(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor scale, "
+      "Tensor shift, Tensor? mask, int mask_mode, Tensor? factor, int skip_mode, Tensor? zd, "
+      "Tensor? mean_d, Tensor? rstd_d) -> Tensor");
+  m.def(
+      "bn_act_bwd_apply(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor scale, "
+      "Tensor shift, Tensor? mask, int mask_mode, Tensor? factor, int skip_mode, Tensor? zd, "
+      "Tensor? mean_d, Tensor? rstd_d, Tensor? scale_d, bool batch_stats, bool batch_stats_d, "
+      "Tensor? dz_add, Tensor mean_sums) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedres_csrc_ref, CPU, m) {
@@ -101,4 +117,8 @@ TORCH_LIBRARY_IMPL(fusedres_csrc_ref, CPU, m) {
   m.impl("bn_stats", TORCH_FN(fusedres_ref::bn_stats_host<CpuDev>));
   m.impl("bn_act_fwd", TORCH_FN(fusedres_ref::bn_act_fwd_host<CpuDev>));
   m.impl("bn_act_bwd", TORCH_FN(fusedres_ref::bn_act_bwd_host<CpuDev>));
+  m.impl("bn_moments", TORCH_FN(fusedres_ref::bn_moments_host<CpuDev>));
+  m.impl("bn_stats_from_moments", TORCH_FN(fusedres_ref::bn_stats_from_moments_host<CpuDev>));
+  m.impl("bn_act_bwd_reduce", TORCH_FN(fusedres_ref::bn_act_bwd_reduce_host<CpuDev>));
+  m.impl("bn_act_bwd_apply", TORCH_FN(fusedres_ref::bn_act_bwd_apply_host<CpuDev>));
 }

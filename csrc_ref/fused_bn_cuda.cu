@@ -8,8 +8,9 @@
 //     32 channel lanes x 8 warps over a chunk of kLinesPerChunk positions. One partial per
 //     warp or block and channel, merged inside the warp by a fixed shuffle tree.
 //   channel_finalize_kernel: one warp per channel merges its partials (lane-strided, then
-//     the same shuffle tree) and runs the op's per-channel epilogue, which for bn_stats also
-//     updates the running statistics (num_batches_tracked is read here, no host sync).
+//     the same shuffle tree) and runs the op's per-channel epilogue, which for bn_stats (and
+//     bn_stats_from_moments) also updates the running statistics (num_batches_tracked is
+//     read here, no host sync).
 // Elementwise passes: one thread per 8-element group (one mask byte), 16-byte vector loads
 // when the line length is a multiple of 8.
 #include "fused_bn.h"
@@ -152,4 +153,8 @@ TORCH_LIBRARY_IMPL(fusedres_csrc_ref, CUDA, m) {
   m.impl("bn_stats", TORCH_FN(fusedres_ref::bn_stats_host<CudaDev>));
   m.impl("bn_act_fwd", TORCH_FN(fusedres_ref::bn_act_fwd_host<CudaDev>));
   m.impl("bn_act_bwd", TORCH_FN(fusedres_ref::bn_act_bwd_host<CudaDev>));
+  m.impl("bn_moments", TORCH_FN(fusedres_ref::bn_moments_host<CudaDev>));
+  m.impl("bn_stats_from_moments", TORCH_FN(fusedres_ref::bn_stats_from_moments_host<CudaDev>));
+  m.impl("bn_act_bwd_reduce", TORCH_FN(fusedres_ref::bn_act_bwd_reduce_host<CudaDev>));
+  m.impl("bn_act_bwd_apply", TORCH_FN(fusedres_ref::bn_act_bwd_apply_host<CudaDev>));
 }

@@ -2,8 +2,10 @@
 
 ``load(device)`` compiles the sources with torch.utils.cpp_extension on first use (cached
 under TORCH_EXTENSIONS_DIR, rebuilt only when a source changes) and returns an object whose
-``bn_stats``, ``bn_act_fwd`` and ``bn_act_bwd`` take the arguments of fusedres.reference's
-functions and return the same results. The ops are registered with the dispatcher as
+``bn_stats``, ``bn_act_fwd`` and ``bn_act_bwd``, and the pieces synchronised batch norm runs
+around its all-reduces (``bn_moments``, ``bn_stats_from_moments``, ``bn_act_bwd_reduce``,
+``bn_act_bwd_apply``), take the arguments of fusedres.reference's functions and return the
+same results. The ops are registered with the dispatcher as
 ``torch.ops.fusedres_csrc_ref.*``: the CPU library defines them and carries the CPU kernels;
 the CUDA library, built only for a CUDA device, adds the CUDA kernels.
 
@@ -114,8 +116,8 @@ def load(device: Optional[torch.device] = None, verbose: bool = False) -> "CsrcO
 
 
 class CsrcOps:
-    """bn_stats / bn_act_fwd / bn_act_bwd over torch.ops.fusedres_csrc_ref, with
-    fusedres.reference's signatures."""
+    """bn_stats / bn_act_fwd / bn_act_bwd and the synchronised-BN pieces over
+    torch.ops.fusedres_csrc_ref, with fusedres.reference's signatures."""
 
     @staticmethod
     def _op(name: str):
@@ -144,6 +146,37 @@ class CsrcOps:
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d, scale_d, bool(batch_stats), bool(batch_stats_d), bool(need_sums),
             dz_add))
+
+    def bn_moments(self, x: Tensor) -> Tensor:
+        return self._op("bn_moments")(x)
+
+    def bn_stats_from_moments(self, moments: Tensor, weight: Optional[Tensor],
+                              bias: Optional[Tensor], running_mean: Optional[Tensor],
+                              running_var: Optional[Tensor],
+                              num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                              eps: float):
+        return tuple(self._op("bn_stats_from_moments")(
+            moments, weight, bias, running_mean, running_var, num_batches_tracked,
+            None if momentum is None else float(momentum), float(eps)))
+
+    def bn_act_bwd_reduce(self, dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor,
+                          scale: Tensor, shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                          factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                          mean_d: Optional[Tensor], rstd_d: Optional[Tensor]) -> Tensor:
+        return self._op("bn_act_bwd_reduce")(
+            dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
+            mean_d, rstd_d)
+
+    def bn_act_bwd_apply(self, dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor,
+                         scale: Tensor, shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                         factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                         mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                         scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
+                         dz_add: Optional[Tensor], mean_sums: Tensor):
+        return tuple(self._op("bn_act_bwd_apply")(
+            dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
+            mean_d, rstd_d, scale_d, bool(batch_stats), bool(batch_stats_d), dz_add,
+            mean_sums))
 
 
 _OPS = CsrcOps()

@@ -88,6 +88,48 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return mean, rstd, scale, shift
 
 
+def bn_moments(x: Tensor) -> Tensor:
+    """This process's share of the batch statistics, in the form ranks exchange under
+    synchronised batch norm: [3, C] rows (count, mean, M2) per channel, M2 the sum of
+    squared deviations from the mean; zeros for an empty x."""
+    C = x.shape[1]
+    if x.numel() == 0:
+        return x.new_zeros((3, C), dtype=stats_dtype(x))
+    var, mean = torch.var_mean(_acc(x), dim=(0, 2, 3), correction=0)
+    count = x.numel() // C
+    return torch.stack([torch.full_like(mean, count), mean, var * count])
+
+
+def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                          eps: float):
+    """bn_stats of the union of R batches given their bn_moments stacked as [R, 3, C]
+    (rows with count 0 take no part): the same results and running-statistics update as
+    bn_stats on the concatenated batch, and as bn_stats on an empty batch if all are empty."""
+    sdt = moments.dtype
+    count, mean_r, m2_r = moments[:, 0], moments[:, 1], moments[:, 2]
+    n = count.sum(0)
+    empty = n == 0
+    mean = (count * mean_r).sum(0) / n.clamp(min=1)
+    m2 = m2_r.sum(0) + (count * (mean_r - mean) ** 2).sum(0)
+    rstd = torch.where(empty, 1.0, torch.rsqrt(m2 / n.clamp(min=1) + eps))
+    scale = rstd * weight.to(sdt) if weight is not None else rstd.clone()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(sdt)
+    scale, shift = torch.where(empty, 0.0, scale), torch.where(empty, 0.0, shift)
+    if running_mean is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        f = 1.0 / num_batches_tracked.to(sdt) if momentum is None else momentum
+        new_mean = (1 - f) * running_mean.to(sdt) + f * mean
+        new_var = (1 - f) * running_var.to(sdt) + f * m2 / (n - 1)
+        running_mean.copy_(torch.where(empty, running_mean.to(sdt), new_mean))
+        running_var.copy_(torch.where(empty, running_var.to(sdt), new_var))
+    return mean, rstd, scale, shift
+
+
 def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
                skip_scale: Optional[Tensor], skip_shift: Optional[Tensor],
                factor: Optional[Tensor], relu: bool, write_mask: bool):
@@ -110,14 +152,8 @@ def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
     return y, mask
 
 
-def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
-               mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
-               skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
-               rstd_d: Optional[Tensor], scale_d: Optional[Tensor],
-               batch_stats: bool, batch_stats_d: bool, need_sums: bool,
-               dz_add: Optional[Tensor]):
-    """Backward of bn_act_fwd; see fusedres.kernels.launch.bn_act_bwd for the contract."""
-    fmt = memory_format(z)
+def _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor):
+    """(g, g_b, xhat): dy through the ReLU, times the branch factor, and the normalised z."""
     g = _acc(dy)
     if mask_mode == 1:
         keep = ~((_acc(z) * _per_channel(scale) + _per_channel(shift)) <= 0)
@@ -126,13 +162,38 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
         g = torch.where(unpack_relu_mask(mask, z), g, 0.0)
     g_b = g * factor.to(g.dtype).view(-1, 1, 1, 1) if factor is not None else g
     xhat = (_acc(z) - _per_channel(mean)) * _per_channel(rstd)
-    count = max(z.numel() // max(z.shape[1], 1), 1)
-    skip_bn = skip_mode == 2
-    reduce = batch_stats or need_sums or (skip_bn and batch_stats_d)
+    return g, g_b, xhat
+
+
+def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                      shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]):
+    """The per-channel sums of the backward, [2 or 4, C] in the statistics dtype:
+    (sum g_b, sum g_b*xhat[, sum g, sum g*xhat_d] when skip_mode == 2). Under synchronised
+    batch norm these are what the ranks add up before bn_act_bwd_apply."""
+    g, g_b, xhat = _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor)
     sums = [g_b.sum((0, 2, 3)), (g_b * xhat).sum((0, 2, 3))]
+    if skip_mode == 2:
+        xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d)
+        sums += [g.sum((0, 2, 3)), (g * xhat_d).sum((0, 2, 3))]
+    return torch.stack(sums)
+
+
+def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                     shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                     factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                     mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                     scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
+                     dz_add: Optional[Tensor], mean_sums: Tensor):
+    """dz (and dskip or dzd) given ``mean_sums``: the rows of bn_act_bwd_reduce divided by
+    the number of values per channel they were summed over (all ranks' under synchronised
+    batch norm). Rows are read only where batch_stats / batch_stats_d. Returns (dz, dskip)."""
+    fmt = memory_format(z)
+    g, g_b, xhat = _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor)
+    ms = mean_sums.to(g.dtype)
     if batch_stats:
-        dz = _per_channel(scale) * (g_b - _per_channel(sums[0] / count)
-                                    - xhat * _per_channel(sums[1] / count))
+        dz = _per_channel(scale) * (g_b - _per_channel(ms[0]) - xhat * _per_channel(ms[1]))
     else:
         dz = _per_channel(scale) * g_b
     if dz_add is not None:
@@ -140,19 +201,38 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     dz = dz.to(z.dtype).contiguous(memory_format=fmt)
     if skip_mode == 1:
         dskip = g.to(dy.dtype, copy=True).contiguous(memory_format=fmt)
-    elif skip_bn:
+    elif skip_mode == 2:
         xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d)
-        sums += [g.sum((0, 2, 3)), (g * xhat_d).sum((0, 2, 3))]
         if batch_stats_d:
-            dzd = _per_channel(scale_d) * (g - _per_channel(sums[2] / count)
-                                           - xhat_d * _per_channel(sums[3] / count))
+            dzd = _per_channel(scale_d) * (g - _per_channel(ms[2]) - xhat_d * _per_channel(ms[3]))
         else:
             dzd = _per_channel(scale_d) * g
         dskip = dzd.to(zd.dtype).contiguous(memory_format=fmt)
     else:
         dskip = z.new_empty(0)
-    sums_t = torch.stack(sums) if reduce else z.new_empty(0, dtype=stats_dtype(z))
-    return dz, dskip, sums_t
+    return dz, dskip
+
+
+def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
+               mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
+               skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
+               rstd_d: Optional[Tensor], scale_d: Optional[Tensor],
+               batch_stats: bool, batch_stats_d: bool, need_sums: bool,
+               dz_add: Optional[Tensor]):
+    """Backward of bn_act_fwd; see fusedres.kernels.launch.bn_act_bwd for the contract.
+    It is bn_act_bwd_apply(..., bn_act_bwd_reduce(...) / M) with M = N*H*W."""
+    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
+    if reduce:
+        sums = bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                                 skip_mode, zd, mean_d, rstd_d)
+        mean_sums = sums / max(z.numel() // max(z.shape[1], 1), 1)
+    else:
+        sums = z.new_empty(0, dtype=stats_dtype(z))
+        mean_sums = sums
+    dz, dskip = bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                                 skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats,
+                                 batch_stats_d, dz_add, mean_sums)
+    return dz, dskip, sums
 
 
 # ---------------------------------------------------------------------------------------

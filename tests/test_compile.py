@@ -108,6 +108,32 @@ def test_opcheck_bn_act_bwd(fmt):
         torch.library.opcheck(ops.bn_act_bwd, args)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
+def test_opcheck_synchronised_halves(fmt):
+    """The ops synchronised batch norm runs with a collective between them."""
+    torch.manual_seed(0)
+    z, zd, dy = _t(2, 12, 5, 7, fmt=fmt), _t(2, 12, 5, 7, fmt=fmt), _t(2, 12, 5, 7, fmt=fmt)
+    torch.library.opcheck(ops.bn_moments, (z,))
+    moments = torch.stack([reference.bn_moments(z), reference.bn_moments(zd)])
+    C = z.shape[1]
+    for args in (
+        (moments, torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5,
+         torch.tensor(3), 0.1, 1e-5),
+        (moments, None, None, torch.randn(C), torch.rand(C) + 0.5, torch.tensor(0), None, 1e-3),
+    ):
+        torch.library.opcheck(ops.bn_stats_from_moments, args)
+    st, std = _stats(z), _stats(zd)
+    _, mask = ops.bn_act_fwd(z, st[2], st[3], zd, std[2], std[3], None, True, True)
+    head = (dy, z, *st, mask, 2, None, 2, zd, std[0], std[1])
+    torch.library.opcheck(ops.bn_act_bwd_reduce, head)
+    mean_sums = reference.bn_act_bwd_reduce(*head) / (2 * 5 * 7)
+    torch.library.opcheck(ops.bn_act_bwd_apply, (*head, std[2], True, True, None, mean_sums))
+    inner = (dy, z, *st, None, 1, None, 0, None, None, None)
+    torch.library.opcheck(ops.bn_act_bwd_reduce, inner)
+    torch.library.opcheck(ops.bn_act_bwd_apply, (*inner, None, True, False, dy,
+                                                 reference.bn_act_bwd_reduce(*inner) / 70))
+
+
 # --------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------

@@ -159,11 +159,12 @@ def _stats_case(shape, dtype, cl, device, momentum, param_dtype, affine=True, up
     return x, w, b, rm, rv, nbt, momentum
 
 
-def _run_stats(mod, case):
+def _run_stats(mod, case, op="bn_stats"):
+    """``op`` is bn_stats (case[0] is x) or bn_stats_from_moments (case[0] is the stack)."""
     x, w, b, rm, rv, nbt, momentum = case
     cl = lambda t: None if t is None else t.clone()  # noqa: E731  (the op updates in place)
     rm, rv, nbt = cl(rm), cl(rv), cl(nbt)
-    out = mod.bn_stats(x, w, b, rm, rv, nbt, momentum, 1e-5)
+    out = getattr(mod, op)(x, w, b, rm, rv, nbt, momentum, 1e-5)
     return out, rm, rv, nbt
 
 
@@ -244,6 +245,84 @@ def test_bn_stats_zero_batch(request, device):
             got = _run_stats(mod, case)
             _compare_stats(got, want, name)
             assert torch.equal(got[1], case[3]) and got[3].item() == 5
+
+
+# ---------------------------------------------------------------------------------------
+# bn_moments and bn_stats_from_moments (synchronised batch norm)
+# ---------------------------------------------------------------------------------------
+
+
+def _ranks(x):
+    """x split along N as three ranks would hold it: N//2 samples, none (count 0), the rest."""
+    h = x.shape[0] // 2
+    return [x[:h], x[h:h], x[h:]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_moments(request, device, dtype, cl):
+    ops, cuda_ops = _device_ops(request, device)
+    shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
+    for i, shape in enumerate(shapes):
+        x = _stats_case(shape, dtype, cl, device, 0.1, torch.float32, seed=i)[0]
+        for part in _ranks(x):
+            want = R.bn_moments(part)
+            for name, mod in impls(device, ops, cuda_ops):
+                check(f"{name} {tuple(part.shape)} moments", mod.bn_moments(part), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["mom0.1", "momNone"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_stats_from_moments(request, device, momentum, dtype, cl):
+    """An R=3 stack, one rank with no samples: against the reference on the same stack, and
+    the whole path (bn_moments per rank, then the merge) against bn_stats of the batch."""
+    ops, cuda_ops = _device_ops(request, device)
+    shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
+    for i, shape in enumerate(shapes):
+        param_dtype = dtype if dtype in (torch.bfloat16, torch.float64) else torch.float32
+        x, *rest = _stats_case((2 * shape[0] + 1, *shape[1:]), dtype, cl, device, momentum,
+                               param_dtype, seed=i)
+        moments = torch.stack([R.bn_moments(p) for p in _ranks(x)])
+        assert moments[1, 0].eq(0).all()
+        want = _run_stats(R, (moments, *rest), "bn_stats_from_moments")
+        want_batch = _run_stats(R, (x, *rest))
+        for name, mod in impls(device, ops, cuda_ops):
+            label = f"{name} {shape}"
+            got = _run_stats(mod, (moments, *rest), "bn_stats_from_moments")
+            _compare_stats(got, want, label)
+            own = torch.stack([mod.bn_moments(p) for p in _ranks(x)])
+            got = _run_stats(mod, (own, *rest), "bn_stats_from_moments")
+            _compare_stats(got, want_batch, f"{label} vs bn_stats")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine,update", [(False, True), (True, False), (False, False)])
+def test_bn_stats_from_moments_options(request, device, affine, update):
+    ops, cuda_ops = _device_ops(request, device)
+    x, *rest = _stats_case((5, 24, 7, 7), torch.float32, False, device, 0.1, torch.float32,
+                           affine=affine, update=update)
+    moments = torch.stack([R.bn_moments(p) for p in _ranks(x)])
+    want = _run_stats(R, (moments, *rest), "bn_stats_from_moments")
+    for name, mod in impls(device, ops, cuda_ops):
+        _compare_stats(_run_stats(mod, (moments, *rest), "bn_stats_from_moments"), want, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_stats_from_moments_no_samples(request, device):
+    """Every rank empty: csrc_ref answers as bn_stats on an empty batch (statistics untouched,
+    the batch counted); the reference divides 0 by 0 there, so it is not compared."""
+    ops, cuda_ops = _device_ops(request, device)
+    mod = ops if device == "cpu" else cuda_ops
+    for momentum in (0.1, None):
+        x, *rest = _stats_case((0, 24, 7, 7), torch.float32, False, device, momentum,
+                               torch.float32)
+        for moments in (torch.stack([mod.bn_moments(x)] * 3), x.new_zeros((0, 3, 24))):
+            got = _run_stats(mod, (moments, *rest), "bn_stats_from_moments")
+            _compare_stats(got, _run_stats(mod, (x, *rest)), f"R={moments.shape[0]}")
+            assert torch.equal(got[1], rest[2]) and got[3].item() == 5
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,10 +416,20 @@ BWD_VARIANTS = {
     "projection_mixed": (2, 2, False, True, False, False, False),  # only the shortcut in train
     "projection_eval": (2, 2, False, False, False, False, False),
 }
+# bn_act_bwd_reduce / bn_act_bwd_apply: the same, and what completes every pair of
+# mask_mode 0/1/2 and skip_mode 0/1/2.
+SPLIT_VARIANTS = {
+    **BWD_VARIANTS,
+    "norelu_identity": (0, 1, True, False, True, True, True),
+    "norelu_projection": (0, 2, True, True, True, False, False),
+    "inner_identity": (1, 1, True, False, True, False, True),
+    "inner_projection": (1, 2, False, True, True, True, False),
+    "bits_noskip": (2, 0, True, False, True, True, False),
+}
 
 
 def _bwd_case(shape, dtype, cl, device, variant, seed=0):
-    mask_mode, skip_mode, bs, bs_d, need_sums, has_factor, has_add = BWD_VARIANTS[variant]
+    mask_mode, skip_mode, bs, bs_d, need_sums, has_factor, has_add = SPLIT_VARIANTS[variant]
     g = torch.Generator().manual_seed(100 + seed)
     N, C = shape[:2]
     z = make(shape, dtype, cl, device, 2.0, 0.3, gen=g)
@@ -390,6 +479,73 @@ def test_bn_act_bwd(request, device, variant, dtype, cl):
             check(f"{label} sums", sums, want[2])
 
 
+def _mean_sums(mod, case):
+    """bn_act_bwd_reduce / M when the case has batch statistics, else the empty tensor
+    bn_act_bwd_apply then takes."""
+    z, skip_mode, bs, bs_d = case[1], case[9], case[14], case[15]
+    if bs or (skip_mode == 2 and bs_d):
+        return mod.bn_act_bwd_reduce(*case[:13]) / max(z.numel() // z.shape[1], 1)
+    return z.new_empty(0, dtype=case[2].dtype)
+
+
+def _apply_args(case, mean_sums):
+    return (*case[:16], case[17], mean_sums)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(SPLIT_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_act_bwd_reduce(request, device, variant, dtype, cl):
+    ops, cuda_ops = _device_ops(request, device)
+    shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
+    for i, shape in enumerate(shapes):
+        case = _bwd_case(shape, dtype, cl, device, variant, seed=i)
+        want = R.bn_act_bwd_reduce(*case[:13])
+        for name, mod in impls(device, ops, cuda_ops):
+            check(f"{name} {shape} sums", mod.bn_act_bwd_reduce(*case[:13]), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(SPLIT_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_act_bwd_apply(request, device, variant, dtype, cl):
+    """Given the reference's mean sums, so that only the elementwise pass is compared."""
+    ops, cuda_ops = _device_ops(request, device)
+    shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
+    if dtype != torch.float32 and device == "cpu":
+        shapes = shapes[:2]
+    for i, shape in enumerate(shapes):
+        case = _bwd_case(shape, dtype, cl, device, variant, seed=i)
+        case64 = tuple(up(a) if isinstance(a, torch.Tensor) else a for a in case)
+        args = _apply_args(case, _mean_sums(R, case))
+        want = R.bn_act_bwd_apply(*args)
+        want64 = R.bn_act_bwd_apply(*_apply_args(case64, _mean_sums(R, case64)))
+        for name, mod in impls(device, ops, cuda_ops):
+            dz, dskip = mod.bn_act_bwd_apply(*args)
+            check(f"{name} {shape} dz", dz, want[0], want64[0])
+            check(f"{name} {shape} dskip", dskip, want[1], want64[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(BWD_VARIANTS))
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_act_bwd_is_reduce_then_apply(request, device, variant, cl):
+    """csrc_ref's bn_act_bwd against its own pieces: the same sums to the bit (one reduction
+    code), dz and dskip to rounding (sums / M divided here rather than in the kernel)."""
+    ops, cuda_ops = _device_ops(request, device)
+    mod = ops if device == "cpu" else cuda_ops
+    for i, shape in enumerate(SHAPES):
+        case = _bwd_case(shape, torch.float32, cl, device, variant, seed=i)
+        dz, dskip, sums = mod.bn_act_bwd(*case)
+        if sums.numel():
+            assert torch.equal(mod.bn_act_bwd_reduce(*case[:13]), sums), variant
+        dz2, dskip2 = mod.bn_act_bwd_apply(*_apply_args(case, _mean_sums(mod, case)))
+        check("dz", dz2, dz)
+        check("dskip", dskip2, dskip)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bn_act_fwd_zero_batch(request, device):
     ops, cuda_ops = _device_ops(request, device)
@@ -411,6 +567,11 @@ def test_bn_act_bwd_zero_batch(request, device):
             assert o.shape == w.shape and o.dtype == w.dtype, name
         if name == "csrc_ref":  # sums over nothing are zeros
             assert torch.equal(got[2], want[2])
+        sums = mod.bn_act_bwd_reduce(*case[:13])
+        assert torch.equal(sums, R.bn_act_bwd_reduce(*case[:13])), name
+        dz, dskip = mod.bn_act_bwd_apply(*_apply_args(case, sums))
+        assert dz.shape == case[1].shape and dskip.shape == case[1].shape, name
+        assert torch.equal(mod.bn_moments(case[1]), R.bn_moments(case[1])), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -425,6 +586,13 @@ def test_deterministic(request, device):
         x = case[1]
         s1 = mod.bn_stats(x, None, None, None, None, None, 0.1, 1e-5)
         s2 = mod.bn_stats(x, None, None, None, None, None, 0.1, 1e-5)
+        assert all(torch.equal(p, q) for p, q in zip(s1, s2))
+        assert torch.equal(mod.bn_act_bwd_reduce(*case[:13]), mod.bn_act_bwd_reduce(*case[:13]))
+        m1, m2 = mod.bn_moments(x), mod.bn_moments(x)
+        assert torch.equal(m1, m2)
+        stack = torch.stack([m1, m1 * 1.5, m1 * 0.5])
+        s1 = mod.bn_stats_from_moments(stack, None, None, None, None, None, 0.1, 1e-5)
+        s2 = mod.bn_stats_from_moments(stack, None, None, None, None, None, 0.1, 1e-5)
         assert all(torch.equal(p, q) for p, q in zip(s1, s2))
 
 
@@ -460,6 +628,24 @@ def test_errors(ops):
     with pytest.raises(ValueError, match=r"mask must have shape \[2, 8, 2\], got \[3\]"):
         ops.bn_act_bwd(z, z, s, s, s, s, torch.zeros(3, dtype=torch.uint8), 2, None, 0, None,
                        None, None, None, True, False, True, None)
+    with pytest.raises(ValueError, match="bn_act_bwd_reduce: skip_mode 2 needs zd, mean_d and"):
+        ops.bn_act_bwd_reduce(z, z, s, s, s, s, None, 1, None, 2, z, s, None)
+    with pytest.raises(ValueError, match=r"mean_sums must have shape \[4, 8\], got \[2, 8\]"):
+        ops.bn_act_bwd_apply(z, z, s, s, s, s, None, 1, None, 2, z, s, s, s, True, True, None,
+                             torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"mean_sums must have shape \[2, 8\], got \[0\]"):
+        ops.bn_act_bwd_apply(z, z, s, s, s, s, None, 1, None, 0, None, None, None, None, True,
+                             False, None, torch.zeros(0))
+    with pytest.raises(ValueError, match=r"moments must have shape \[R, 3, C\], got \[3, 8\]"):
+        ops.bn_stats_from_moments(torch.zeros(3, 8), None, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(TypeError, match="moments must be float32 or float64, got Half"):
+        ops.bn_stats_from_moments(torch.zeros(1, 3, 8, dtype=torch.half), None, None, None, None,
+                                  None, 0.1, 1e-5)
+    nbt = torch.tensor(3)
+    with pytest.raises(ValueError, match="bn_stats_from_moments: running_var must be given"):
+        ops.bn_stats_from_moments(ops.bn_moments(z)[None], None, None, s.clone(), None, nbt,
+                                  0.1, 1e-5)
+    assert nbt.item() == 3  # a bad argument changes nothing
 
 
 # ---------------------------------------------------------------------------------------

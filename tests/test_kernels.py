@@ -158,6 +158,99 @@ def test_bn_act_bwd(device, shape, cl, dtype, mode):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_stats_from_moments_is_stats_of_the_union(device, cl, dtype, momentum):
+    """Synchronised BN's two halves: each rank's (count, mean, M2), then the merge of the
+    gathered rows, one of them an empty rank's, equals bn_stats on the concatenated batch
+    (results and running statistics)."""
+    C = 12
+    x = _rand((6, C, 5, 3), dtype, device, cl, 3.0, 40.0)
+    chunks = [x[:2], x[2:2], x[2:]]  # an empty rank takes part with count 0
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    with triton_ran("_bn_stats_partial_kernel", "_bn_stats_finalize_kernel"):
+        mk = [K.bn_moments(c) for c in chunks]
+    for a, c in zip(mk, chunks):
+        e = R.bn_moments(c)
+        assert a.shape == (3, C) and a.dtype == sdt
+        assert_close_fp32(a, e, "moments")
+    w = torch.rand(C, device=device, dtype=sdt) + 0.5
+    b = torch.randn(C, device=device, dtype=sdt)
+
+    def run(impl, union):
+        rm = torch.linspace(-1, 1, C, device=device, dtype=sdt)
+        rv = torch.linspace(0.5, 2, C, device=device, dtype=sdt)
+        nbt = torch.tensor(3, device=device)
+        if union:
+            out = R.bn_stats(x, w, b, rm, rv, nbt, momentum, 1e-5)
+        else:
+            out = impl.bn_stats_from_moments(torch.stack(mk), w, b, rm, rv, nbt, momentum, 1e-5)
+        return (*out, rm, rv, nbt)
+
+    expected = run(R, union=True)
+    for impl in (K, R):
+        got = run(impl, union=False)
+        for name, a, e in zip(("mean", "rstd", "scale", "shift", "running_mean", "running_var"),
+                              got, expected):
+            assert_close_fp32(a, e, f"{impl.__name__} {name}")
+        assert got[-1].item() == expected[-1].item() == 4
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_stats_from_moments_all_ranks_empty(device):
+    """Every rank empty: what bn_stats does with an empty batch (statistics untouched,
+    the batch counted), not 0/0."""
+    C = 5
+    for impl in (K, R):
+        rm, rv = torch.linspace(-1, 1, C, device=device), torch.linspace(0.5, 2, C, device=device)
+        nbt = torch.tensor(2, device=device)
+        rm0, rv0 = rm.clone(), rv.clone()
+        mean, rstd, scale, shift = impl.bn_stats_from_moments(
+            torch.zeros(2, 3, C, device=device), torch.rand(C, device=device), None, rm, rv, nbt,
+            None, 1e-5)
+        assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(rstd, torch.ones_like(rstd))
+        assert torch.equal(scale, torch.zeros_like(scale)) and torch.equal(shift, torch.zeros_like(shift))
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0) and nbt.item() == 3, impl.__name__
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("mode", ["inner", "identity", "projection"])
+def test_bn_act_bwd_split_is_bn_act_bwd(device, cl, mode):
+    """bn_act_bwd = bn_act_bwd_apply(..., bn_act_bwd_reduce(...) / M), for the split that
+    synchronised batch norm puts an all-reduce into."""
+    shape = (3, 10, 5, 4)
+    N, C = shape[:2]
+    z, dy = _rand(shape, torch.float32, device, cl), _rand(shape, torch.float32, device, cl)
+    mean, rstd = torch.randn(C, device=device) * 0.1, torch.rand(C, device=device) + 0.5
+    scale, shift = rstd * 1.2, -mean * rstd * 1.2 + 0.1
+    factor = torch.rand(N, device=device) * 2
+    zd = mean_d = rstd_d = scale_d = mask = None
+    mask_mode, skip_mode = (1, 0) if mode == "inner" else (2, 1 if mode == "identity" else 2)
+    if mode == "projection":
+        zd = _rand(shape, torch.float32, device, cl)
+        mean_d, rstd_d = torch.randn(C, device=device) * 0.1, torch.rand(C, device=device) + 0.5
+        scale_d = rstd_d * 0.7
+    if mask_mode == 2:
+        skip = zd if mode == "projection" else _rand(shape, torch.float32, device, cl)
+        mask = R.bn_act_fwd(z, scale, shift, skip, scale_d, None if zd is None else -mean_d * scale_d,
+                            factor, True, True)[1]
+    head = (dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d)
+    dz, dskip, sums = K.bn_act_bwd(*head, scale_d, True, True, True, None)
+    with triton_ran("_bn_act_bwd_reduce_kernel", "_sum_partials_kernel"):
+        sk = K.bn_act_bwd_reduce(*head)
+    assert torch.equal(sk, sums)
+    assert_close_fp32(sk, R.bn_act_bwd_reduce(*head), "sums vs reference")
+    mean_sums = sk / (N * shape[2] * shape[3])
+    for impl in (K, R):
+        dz2, dskip2 = impl.bn_act_bwd_apply(*head, scale_d, True, True, None, mean_sums)
+        assert_close_fp32(dz2, dz, f"{impl.__name__} dz")
+        if skip_mode:
+            assert_close_fp32(dskip2, dskip, f"{impl.__name__} dskip")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_nan_inf_propagate(device):
     """NaN and Inf go where PyTorch sends them: relu(nan) = nan, an inf gradient through a
     closed ReLU is 0 (where, not multiply), eval-mode dz = scale*g even for infinite z."""

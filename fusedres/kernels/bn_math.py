@@ -91,10 +91,11 @@ def welford_update(mean, m2, x, inv_k):
 def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s parallel combination of two (count, mean, M2) summaries.
 
-    Never E[x^2] - E[x]^2: that loses every digit when |mean| >> std."""
+    Never E[x^2] - E[x]^2: that loses every digit when |mean| >> std. Two empty summaries
+    (an empty rank's moments) merge to an empty one, not to 0/0."""
     n_ab = n_a + n_b
     delta = mean_b - mean_a
-    frac_b = n_b / n_ab
+    frac_b = n_b / tl.maximum(n_ab, 1.0)
     mean_ab = mean_a + delta * frac_b
     m2_ab = m2_a + m2_b + delta * delta * (n_a * frac_b)
     return n_ab, mean_ab, m2_ab

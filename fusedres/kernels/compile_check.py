@@ -46,7 +46,7 @@ def variants():
         stat = {a: f"*{t}" for a in ("part_mean_ptr", "part_m2_ptr", "part_count_ptr", "mean_ptr",
                                       "rstd_ptr", "scale_ptr", "shift_ptr", "skip_scale_ptr",
                                       "skip_shift_ptr", "mean_d_ptr", "rstd_d_ptr", "scale_d_ptr",
-                                      "part_ptr", "sums_ptr", "out_ptr")}
+                                      "part_ptr", "sums_ptr", "out_ptr", "moments_ptr")}
         ptrs = {**act, **stat, "mask_ptr": "*u8", "nbt_ptr": "*i64"}
         for cl, bc, bhw in gpu_tiles(s == "fp64", stats=True):
             tile = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_HW=bhw, ACC_DTYPE=acc)

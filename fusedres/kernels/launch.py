@@ -80,29 +80,15 @@ def _shape(t: Tensor):
     return N, C, H * W
 
 
-def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-             running_mean: Optional[Tensor], running_var: Optional[Tensor],
-             num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float):
-    """Batch statistics of x per channel; updates the running statistics if given.
-
-    Returns (mean, rstd, scale, shift), each [C] in fp32 (fp64 for fp64 x)."""
+def _partial_stats(x: Tensor):
+    """(part_mean [P, C], part_m2 [P, C], part_count [P]) of a non-empty x: one Welford
+    summary per program of the first statistics kernel."""
     N, C, HW = _shape(x)
     sdt = stats_dtype(x)
     dev = x.device
-    mean = torch.empty(C, device=dev, dtype=sdt)
-    rstd = torch.empty(C, device=dev, dtype=sdt)
-    scale = torch.empty(C, device=dev, dtype=sdt)
-    shift = torch.empty(C, device=dev, dtype=sdt)
-    update = running_mean is not None
-    if update and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if x.numel() == 0:  # as PyTorch: statistics untouched, the batch still counted
-        mean.zero_(); rstd.fill_(1.0); scale.zero_(); shift.zero_()
-        return mean, rstd, scale, shift
     cl = is_channels_last(x)
     x = _in_layout(x, cl)
-    interp = interpreting()
-    cfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, x.dtype == torch.float64,
+    cfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interpreting(), x.dtype == torch.float64,
                       stats=True)
     P = cfg.num_partials
     part_mean = torch.empty((P, C), device=dev, dtype=sdt)
@@ -111,20 +97,80 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     _launch(_bn_stats_partial_kernel, cfg.grid, x, part_mean, part_m2, part_count, N, C, HW,
             cfg.N_PER_PROG, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
             ACC_DTYPE=_acc(x), num_warps=cfg.num_warps)
-    block_p, block_c = finalize_config(C, P, interp)
+    return part_mean, part_m2, part_count
+
+
+def _finalize(part_mean: Tensor, part_m2: Tensor, part_count: Tensor, P: int, C: int,
+              stride_p: int, count_stride: int, weight, bias, running_mean, running_var,
+              num_batches_tracked, momentum, eps, moments: Optional[Tensor] = None):
+    """Merge P (count, mean, M2) partials per channel into (mean, rstd, scale, shift),
+    updating the running statistics if given; also writes the merged moments if given."""
+    sdt, dev = part_mean.dtype, part_mean.device
+    mean, rstd, scale, shift = (torch.empty(C, device=dev, dtype=sdt) for _ in range(4))
+    update = running_mean is not None
     cumulative = update and momentum is None
     present = [t for t in (running_mean, weight, bias) if t is not None]
     param = present[0] if present else mean  # BN tensors share one dtype (checked above us)
+    block_p, block_c = finalize_config(C, P, interpreting())
+    acc = tl.float64 if sdt == torch.float64 else tl.float32
     _launch(_bn_stats_finalize_kernel, (triton.cdiv(C, block_c),),
             part_mean, part_m2, part_count,
             param if weight is None else weight, param if bias is None else bias,
             running_mean if update else param, running_var if update else param,
             num_batches_tracked if cumulative else _scratch(dev, torch.int64),
-            mean, rstd, scale, shift, P, C,
+            mean, rstd, scale, shift, moments if moments is not None else mean,
+            P, C, stride_p, count_stride,
             *_hi_lo(0.0 if momentum is None else float(momentum)), float(eps),
             int(weight is not None), int(bias is not None), int(update), int(cumulative),
-            BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=_acc(x), num_warps=NUM_WARPS)
+            int(moments is not None), BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc,
+            num_warps=NUM_WARPS)
     return mean, rstd, scale, shift
+
+
+def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             running_mean: Optional[Tensor], running_var: Optional[Tensor],
+             num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float):
+    """Batch statistics of x per channel; updates the running statistics if given.
+
+    Returns (mean, rstd, scale, shift), each [C] in fp32 (fp64 for fp64 x)."""
+    C = x.shape[1]
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if x.numel() == 0:  # as PyTorch: statistics untouched, the batch still counted
+        sdt = stats_dtype(x)
+        zeros = torch.zeros(C, device=x.device, dtype=sdt)
+        return zeros, torch.ones_like(zeros), zeros.clone(), zeros.clone()
+    part_mean, part_m2, part_count = _partial_stats(x)
+    return _finalize(part_mean, part_m2, part_count, part_count.shape[0], C, C, 1, weight,
+                     bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+def bn_moments(x: Tensor) -> Tensor:
+    """This process's (count, mean, M2) per channel as [3, C], for the ranks to exchange
+    under synchronised batch norm; zeros for an empty x. See fusedres.reference."""
+    C = x.shape[1]
+    moments = torch.zeros((3, C), device=x.device, dtype=stats_dtype(x))
+    if x.numel() == 0:
+        return moments
+    part_mean, part_m2, part_count = _partial_stats(x)
+    # (the normalisation it also writes is unused; eps 1 keeps it finite)
+    _finalize(part_mean, part_m2, part_count, part_count.shape[0], C, C, 1, None, None, None,
+              None, None, 0.0, 1.0, moments=moments)
+    return moments
+
+
+def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                          eps: float):
+    """bn_stats of the union of R batches from their bn_moments stacked as [R, 3, C]."""
+    R, _, C = moments.shape
+    moments = moments.contiguous()
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return _finalize(moments[:, 1], moments[:, 2], moments[:, 0, 0], R, C, 3 * C, 3 * C,
+                     weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                     eps)
 
 
 def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
@@ -157,6 +203,67 @@ def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
     return y, mask
 
 
+def _bwd_prepare(dy, z, zd, dz_add, factor):
+    cl = is_channels_last(z)
+    z = _in_layout(z, cl)
+    return (cl, _in_layout(dy.to(z.dtype), cl), z, _in_layout(zd, cl), _in_layout(dz_add, cl),
+            None if factor is None else factor.to(z.dtype))
+
+
+def _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
+                mean_d, rstd_d) -> Tensor:
+    """The [K, C] sums of the backward (K = 4 with a projection BN) of non-empty tensors."""
+    N, C, HW = _shape(z)
+    dev = z.device
+    interp = interpreting()
+    acc = _acc(z)
+    sdt = stats_dtype(z)
+    skip_bn = skip_mode == 2
+    K = 4 if skip_bn else 2
+    sums = torch.empty((K, C), device=dev, dtype=sdt)
+    rcfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, z.dtype == torch.float64)
+    P = rcfg.num_partials
+    part = torch.empty((K, P, C), device=dev, dtype=sdt)
+    _launch(_bn_act_bwd_reduce_kernel, rcfg.grid, dy, z, mean, rstd, scale, shift,
+            mask if mask_mode == 2 else _scratch(dev, torch.uint8),
+            factor if factor is not None else z,
+            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
+            part, N, C, HW, P, rcfg.N_PER_PROG, int(mask_mode == 0), int(factor is not None),
+            FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, CHANNELS_LAST=cl, BLOCK_C=rcfg.BLOCK_C,
+            BLOCK_HW=rcfg.BLOCK_HW, ACC_DTYPE=acc, num_warps=rcfg.num_warps)
+    block_p, block_c = finalize_config(C, P, interp)
+    _launch(_sum_partials_kernel, (triton.cdiv(C, block_c), K), part, sums, P, C,
+            BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, num_warps=NUM_WARPS)
+    return sums
+
+
+def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
+               mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, sums, inv_count):
+    """(dz, dskip): the elementwise pass, with sums * inv_count the per-channel means."""
+    N, C, HW = _shape(z)
+    dev = z.device
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    dz = torch.empty_like(z, memory_format=fmt)
+    dskip = (torch.empty_like(z, memory_format=fmt) if skip_mode == 2 else
+             torch.empty_like(dy, memory_format=fmt) if skip_mode == 1 else z.new_empty(0))
+    if z.numel() == 0:
+        return dz, dskip
+    skip_bn = skip_mode == 2
+    cfg = tile_config(N, C, HW, cl, False, _num_sms(dev), interpreting(), z.dtype == torch.float64)
+    _launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
+            mask if mask_mode == 2 else _scratch(dev, torch.uint8),
+            factor if factor is not None else z,
+            sums if sums is not None and sums.numel() else mean,
+            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
+            scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
+            dz, dskip if skip_mode else dz, inv_count, N, C, HW, cfg.N_PER_PROG,
+            int(mask_mode == 0), int(factor is not None), int(batch_stats),
+            int(skip_bn and batch_stats_d), int(dz_add is not None),
+            FROM_BITS=mask_mode == 2, SKIP=skip_mode, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
+            BLOCK_HW=cfg.BLOCK_HW, ACC_DTYPE=_acc(z), num_warps=cfg.num_warps)
+    return dz, dskip
+
+
 def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
                mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
                skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
@@ -171,48 +278,44 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     Returns (dz, dskip, sums): dskip empty for skip_mode 0; sums [2 or 4, C] =
     (dbeta, dgamma[, dbeta_d, dgamma_d]) in the statistics dtype, empty when not computed."""
     N, C, HW = _shape(z)
-    cl = is_channels_last(z)
-    z = _in_layout(z, cl)
-    dy = _in_layout(dy.to(z.dtype), cl)
-    zd = _in_layout(zd, cl)
-    dz_add = _in_layout(dz_add, cl)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    dz = torch.empty_like(z, memory_format=fmt)
-    dskip = (torch.empty_like(z, memory_format=fmt) if skip_mode == 2 else
-             torch.empty_like(dy, memory_format=fmt) if skip_mode == 1 else z.new_empty(0))
-    skip_bn = skip_mode == 2
-    reduce = batch_stats or need_sums or (skip_bn and batch_stats_d)
-    K = 4 if skip_bn else 2
+    cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
+    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
+    K = 4 if skip_mode == 2 else 2
     sdt = stats_dtype(z)
-    sums = torch.empty((K, C), device=z.device, dtype=sdt) if reduce else z.new_empty(0, dtype=sdt)
-    if z.numel() == 0:
-        return dz, dskip, sums
-    dev = z.device
-    interp = interpreting()
-    acc = _acc(z)
-    factor = None if factor is None else factor.to(z.dtype)
-    bits = mask if mask_mode == 2 else _scratch(dev, torch.uint8)
-    fac = factor if factor is not None else z
-    common = dict(CHANNELS_LAST=cl, ACC_DTYPE=acc)
-    if reduce:
-        rcfg = tile_config(N, C, HW, cl, True, _num_sms(dev), interp, z.dtype == torch.float64)
-        P = rcfg.num_partials
-        part = torch.empty((K, P, C), device=dev, dtype=sdt)
-        _launch(_bn_act_bwd_reduce_kernel, rcfg.grid, dy, z, mean, rstd, scale, shift, bits, fac,
-                zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
-                part, N, C, HW, P, rcfg.N_PER_PROG, int(mask_mode == 0), int(factor is not None),
-                FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, BLOCK_C=rcfg.BLOCK_C, BLOCK_HW=rcfg.BLOCK_HW,
-                num_warps=rcfg.num_warps, **common)
-        block_p, block_c = finalize_config(C, P, interp)
-        _launch(_sum_partials_kernel, (triton.cdiv(C, block_c), K), part, sums, P, C,
-                BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, num_warps=NUM_WARPS)
-    cfg = tile_config(N, C, HW, cl, False, _num_sms(dev), interp, z.dtype == torch.float64)
-    _launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift, bits, fac,
-            sums if reduce else mean,
-            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
-            scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
-            dz, dskip if skip_mode else dz, 1.0 / (N * HW), N, C, HW, cfg.N_PER_PROG,
-            int(mask_mode == 0), int(factor is not None), int(batch_stats),
-            int(skip_bn and batch_stats_d), int(dz_add is not None),
-            FROM_BITS=mask_mode == 2, SKIP=skip_mode, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, num_warps=cfg.num_warps, **common)
+    if reduce and z.numel():
+        sums = _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                           skip_mode, zd, mean_d, rstd_d)
+    else:
+        sums = torch.zeros((K, C) if reduce else (0,), device=z.device, dtype=sdt)
+    dz, dskip = _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                           skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d,
+                           dz_add, sums if reduce else None, 1.0 / max(N * HW, 1))
     return dz, dskip, sums
+
+
+def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                      shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]) -> Tensor:
+    """The per-channel sums of bn_act_bwd alone, [2 or 4, C]; zeros for an empty z."""
+    cl, dy, z, zd, _, factor = _bwd_prepare(dy, z, zd, None, factor)
+    if z.numel() == 0:
+        return torch.zeros((4 if skip_mode == 2 else 2, z.shape[1]), device=z.device,
+                           dtype=stats_dtype(z))
+    return _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                       zd, mean_d, rstd_d)
+
+
+def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                     shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                     factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                     mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                     scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
+                     dz_add: Optional[Tensor], mean_sums: Tensor):
+    """The elementwise pass of bn_act_bwd with given per-channel means of the sums
+    (bn_act_bwd_reduce's rows divided by the count, all ranks' under synchronised batch
+    norm). Returns (dz, dskip)."""
+    cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
+    return _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                      zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add,
+                      mean_sums.contiguous(), 1.0)

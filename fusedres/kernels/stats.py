@@ -13,6 +13,8 @@ Two kernels, no atomics, so the result is the same every run:
    (count, mean, M2) partial per program and channel.
 2. ``_bn_stats_finalize_kernel``: merges the partials of each channel with Chan's formula,
    writes mean, rstd, scale, shift and updates the running statistics in their own dtype.
+   Under synchronised batch norm it runs twice: first to write this process's merged
+   (count, mean, M2) for the ranks to exchange, then over the gathered [R, 3, C] rows.
 The grid of the first kernel is sized to fill the GPU whatever the shape (config.py): one
 program per channel is what makes other Triton batch norms slow on 56x56 images.
 """
@@ -79,9 +81,9 @@ def _bn_stats_partial_kernel(
 
 @triton.jit
 def _bn_stats_finalize_kernel(
-    part_mean_ptr,     # [P, C]
-    part_m2_ptr,       # [P, C]
-    part_count_ptr,    # [P]
+    part_mean_ptr,     # [P, C] rows stride_p apart
+    part_m2_ptr,       # [P, C] rows stride_p apart
+    part_count_ptr,    # [P] count_stride apart
     weight_ptr,        # [C] gamma (has_weight)
     bias_ptr,          # [C] beta (has_bias)
     running_mean_ptr,  # [C] updated in place (update_running), any float dtype
@@ -91,7 +93,10 @@ def _bn_stats_finalize_kernel(
     rstd_ptr,          # [C] out: 1/sqrt(biased var + eps)
     scale_ptr,         # [C] out: gamma*rstd
     shift_ptr,         # [C] out: beta - mean*scale
+    moments_ptr,       # [3, C] out: merged (count, mean, M2) (write_moments)
     P, C,
+    stride_p,          # between partials' rows: C for the partial kernel's, 3C for gathered moments
+    count_stride,      # between counts: 1, or 3C
     momentum,          # running-stat factor when not cumulative, as fp32 hi + lo, so an
     momentum_lo,       # fp64 buffer gets the whole double that PyTorch would use
     eps,
@@ -99,6 +104,7 @@ def _bn_stats_finalize_kernel(
     has_bias,
     update_running,
     cumulative,        # momentum=None: factor 1/num_batches_tracked, read on the device
+    write_moments,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -114,32 +120,43 @@ def _bn_stats_finalize_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < P
         m = pmask[:, None] & cmask[None, :]
-        cnt = tl.load(part_count_ptr + p, mask=pmask, other=0.0).to(ACC_DTYPE)
-        pm = tl.load(part_mean_ptr + p[:, None] * C + c[None, :], mask=m, other=0.0).to(ACC_DTYPE)
-        pq = tl.load(part_m2_ptr + p[:, None] * C + c[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+        cnt = tl.load(part_count_ptr + p * count_stride, mask=pmask, other=0.0).to(ACC_DTYPE)
+        rows = p[:, None] * stride_p + c[None, :]
+        pm = tl.load(part_mean_ptr + rows, mask=m, other=0.0).to(ACC_DTYPE)
+        pq = tl.load(part_m2_ptr + rows, mask=m, other=0.0).to(ACC_DTYPE)
         # merge this chunk of partials exactly (mean first, then deviations from it) ...
         n_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+        # (a chunk of empty ranks' moments adds nothing: keep 0/0 out of the merge)
+        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / tl.maximum(n_b, 1.0)
         d = tl.where(m, pm - mean_b[None, :], 0.0)
         m2_b = tl.sum(pq, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
         # ... then into the running summary with Chan's formula
         n_acc, mean_acc, m2_acc = chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
         p0 += BLOCK_P
 
-    var = m2_acc / n_acc
+    wm = cmask & (write_moments != 0)
+    tl.store(moments_ptr + c, n_acc, mask=wm)
+    tl.store(moments_ptr + C + c, mean_acc, mask=wm)
+    tl.store(moments_ptr + 2 * C + c, m2_acc, mask=wm)
+
+    # no value in any rank's batch: as bn_stats on an empty batch (mean 0, rstd 1, scale and
+    # shift 0, running statistics untouched)
+    empty = n_acc == 0
+    var = m2_acc / tl.maximum(n_acc, 1.0)
     if ACC_DTYPE == tl.float64:
         rstd = 1.0 / tl.sqrt(var + eps)
     else:
         rstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE-rounded, as torch.rsqrt's reference
     w = tl.load(weight_ptr + c, mask=cmask & (has_weight != 0), other=1.0).to(ACC_DTYPE)
     b = tl.load(bias_ptr + c, mask=cmask & (has_bias != 0), other=0.0).to(ACC_DTYPE)
-    scale = w * rstd
+    rstd = tl.where(empty, 1.0, rstd)
+    scale = tl.where(empty, 0.0, w * rstd)
     tl.store(mean_ptr + c, mean_acc, mask=cmask)
     tl.store(rstd_ptr + c, rstd, mask=cmask)
     tl.store(scale_ptr + c, scale, mask=cmask)
-    tl.store(shift_ptr + c, b - mean_acc * scale, mask=cmask)
+    tl.store(shift_ptr + c, tl.where(empty, 0.0, b - mean_acc * scale), mask=cmask)
 
-    update = cmask & (update_running != 0)
+    update = cmask & (update_running != 0) & (n_acc > 0)
     nbt = tl.load(nbt_ptr, mask=cumulative != 0, other=1)
     mom = tl.cast(momentum, ACC_DTYPE) + tl.cast(momentum_lo, ACC_DTYPE)
     f = tl.where(cumulative != 0, 1.0 / nbt.to(ACC_DTYPE), mom)
