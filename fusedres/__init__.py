@@ -3,13 +3,16 @@ around cuDNN convolutions, checked against a plain-PyTorch reference."""
 from . import ops, reference
 from .backend import backend_for, use_backend
 from .convert import convert, fused_blocks, revert
-from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, fused_residual_block
-from .modules import FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck
+from .function import (BlockSpec, BNSpec, ConvSpec, FusedBatchNorm, FusedResidualBlock,
+                       fused_batch_norm, fused_residual_block)
+from .modules import (FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck,
+                      FusedSyncBatchNorm)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BNSpec", "BlockSpec", "ConvSpec", "FusedBasicBlock", "FusedBottleneck", "FusedPreActBlock",
-    "FusedPreActBottleneck", "FusedResidualBlock", "backend_for", "convert", "fused_blocks",
-    "fused_residual_block", "ops", "reference", "revert", "use_backend",
+    "BNSpec", "BlockSpec", "ConvSpec", "FusedBasicBlock", "FusedBatchNorm", "FusedBottleneck",
+    "FusedPreActBlock", "FusedPreActBottleneck", "FusedResidualBlock", "FusedSyncBatchNorm",
+    "backend_for", "convert", "fused_batch_norm", "fused_blocks", "fused_residual_block", "ops",
+    "reference", "revert", "use_backend",
 ]

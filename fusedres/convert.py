@@ -11,8 +11,10 @@ name.
 Served: torchvision's BasicBlock / Bottleneck (ResNet, ResNeXt, wide ResNet), timm's ResNet
 BasicBlock / Bottleneck (with the avg-pool shortcut of the "d"/"t" variants and stochastic
 depth), timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
-fusedres.reference's blocks. Norms may be nn.BatchNorm2d, timm's BatchNormAct2d or a
-frozen batch norm (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d).
+fusedres.reference's blocks. Norms may be nn.BatchNorm2d, timm's BatchNormAct2d, a
+frozen batch norm (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) or
+nn.SyncBatchNorm (all of a block's norms, one process group: fusedres.distributed), and
+every nn.SyncBatchNorm outside a block becomes a FusedSyncBatchNorm, which also runs on CPUs.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from typing import Optional
 
 from torch import nn
 
+from .distributed import sync_problem
 from .modules import (BlockLayout, FusedBasicBlock, FusedBottleneck, FusedPreActBlock,
-                      FusedPreActBottleneck, _FusedMixin, split_downsample)
+                      FusedPreActBottleneck, FusedSyncBatchNorm, _FusedMixin, split_downsample)
 
 __all__ = ["LAYOUTS", "convert", "fused_blocks", "fused_class", "is_fused", "revert", "why_not_fused"]
 
@@ -123,11 +126,9 @@ def _norm_problem(name: str, norm: nn.Module, relu: bool) -> Optional[str]:
     """Why ``norm`` cannot be fused; ``relu``: it must carry a ReLU (timm BatchNormAct2d)."""
     if norm is None:
         return f"{name} is missing"
-    if isinstance(norm, nn.SyncBatchNorm):
-        return f"{name} is {type(norm).__name__} (statistics reduced across processes)"
     with_act = (_is_class(norm, "timm.layers.norm_act", "BatchNormAct2d")
                 or _is_class(norm, "timm.layers.norm_act", "FrozenBatchNormAct2d"))
-    plain = (type(norm) is nn.BatchNorm2d
+    plain = (type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm, FusedSyncBatchNorm)
              or _is_class(norm, "torchvision.ops.misc", "FrozenBatchNorm2d"))
     if not (with_act or plain):
         return f"{name} is {type(norm).__name__}, not a batch norm"
@@ -201,6 +202,10 @@ def why_not_fused(block: nn.Module) -> Optional[str]:
         problems.append(_norm_problem(name, getattr(block, name, None), relu=layout.norm_act))
     problems.append(_downsample_problem(block, layout))
     problems.append(_drop_path_problem(block, layout))
+    if not any(problems):
+        parts = split_downsample(getattr(block, "downsample", None), layout.preact)
+        problems.append(sync_problem([getattr(block, n) for n in layout.norms]
+                                     + [parts[2] if parts else None]))
     problems = [p for p in problems if p]
     return "; ".join(problems) if problems else None
 
@@ -226,8 +231,10 @@ def convert(model: nn.Module) -> nn.Module:
 
     Blocks already fused are left as they are (converting twice changes nothing). Blocks
     of a known kind that cannot be fused (attention, anti-aliasing, DropBlock, another
-    activation or norm, a conv with a bias, SyncBatchNorm, ...) are left alone and named,
-    with the reason, in one warning. A model with no ResNet block at all also warns."""
+    activation or norm, a conv with a bias, ...) are left alone and named, with the
+    reason, in one warning. A model with no ResNet block at all also warns. Every
+    nn.SyncBatchNorm outside the blocks (and inside: blocks read their norms' parameters
+    but never call them) becomes a FusedSyncBatchNorm, which runs on CPU tensors too."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.DataParallel):
@@ -235,6 +242,9 @@ def convert(model: nn.Module) -> nn.Module:
                       "DistributedDataParallel (one process per GPU)", stacklevel=2)
     skipped, seen = [], 0
     for name, m in model.named_modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = FusedSyncBatchNorm
+            continue
         if is_fused(m):
             seen += 1
             continue
@@ -265,7 +275,7 @@ def revert(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for m in model.modules():
-        original = type(m).__dict__.get("_fused_original")
+        original = type(m).__dict__.get("_fused_original")  # blocks and FusedSyncBatchNorm
         if original is not None:
             m.__class__ = original
     return model

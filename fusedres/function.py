@@ -18,14 +18,15 @@ statistics are updated in the forward, on the device (no host synchronisation).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import distributed, ops
 from .layout import memory_format, stats_dtype
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,6 +52,7 @@ class BNSpec:
     update: bool               # update running_mean / running_var / num_batches_tracked
     momentum: Optional[float]  # None: cumulative average
     eps: float
+    sync: bool = False         # batch statistics over all ranks of the block's group
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class BlockSpec:
     proj_bn: Optional[BNSpec] = None
     recompute: bool = False
     skip: bool = True          # False: the plain (no-shortcut) form of the block
+    group: Any = dataclasses.field(default=None, compare=False)  # process group of the BNs with sync
 
 
 def bn_spec_and_tensors(bn: nn.Module):
@@ -131,19 +134,25 @@ def _pool_backward(g: Tensor, x: Tensor, k: int) -> Tensor:
     return torch.ops.aten.avg_pool2d_backward(g, x, [k, k], [k, k], [0, 0], True, False, None)
 
 
-def _bn_params(z: Tensor, t, bs: BNSpec):
-    """(mean, rstd, scale, shift) of one BN: batch statistics through the fused op (which
-    also updates the running statistics), or the running statistics in eval mode."""
+def _bn_params(z: Tensor, t, bs: BNSpec, group=None):
+    """(mean, rstd, scale, shift, count) of one BN: batch statistics through the fused op
+    (which also updates the running statistics), or the running statistics in eval mode.
+    ``count`` is the number of values per channel over all ranks (a [1] tensor) when the BN
+    synchronises (distributed.py), else None."""
     w, b, rm, rv, nbt = t
+    running = (rm, rv, nbt) if bs.update else (None, None, None)
+    if bs.sync:
+        gathered = distributed.gather_moments(ops.run_bn_moments(z), group)
+        st = ops.run_bn_stats_from_moments(gathered, w, b, *running, bs.momentum, bs.eps)
+        return (*st, distributed.global_count(gathered))
     if bs.batch_stats:
-        return ops.run_bn_stats(z, w, b, rm if bs.update else None, rv if bs.update else None,
-                            nbt if bs.update else None, bs.momentum, bs.eps)
+        return (*ops.run_bn_stats(z, w, b, *running, bs.momentum, bs.eps), None)
     sdt = stats_dtype(z)
     mean = rm.to(sdt)
     rstd = torch.rsqrt(rv.to(sdt) + bs.eps)
     scale = rstd * w.to(sdt) if w is not None else rstd
     shift = b.to(sdt) - mean * scale if b is not None else -mean * scale
-    return mean, rstd, scale, shift
+    return mean, rstd, scale, shift, None
 
 
 def _bn_relu(z: Tensor, st) -> Tensor:
@@ -171,7 +180,7 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
         h = x
         for i in range(k):
             z = _conv(h, W[i], spec.convs[i])
-            st = _bn_params(z, B[i], spec.bns[i])
+            st = _bn_params(z, B[i], spec.bns[i], spec.group)
             if save:
                 zs.append(z)
                 stats.append(st)
@@ -183,7 +192,7 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
         if spec.proj is not None:
             xp = _pool(x, spec.proj_pool)
             zd = _conv(xp, Wd, spec.proj)
-            std = _bn_params(zd, Bd, spec.proj_bn)
+            std = _bn_params(zd, Bd, spec.proj_bn, spec.group)
             out, mask = ops.run_bn_act_fwd(z, st[2], st[3], _same_layout(zd, z),
                                            std[2], std[3], factor, True, save)
             if save:
@@ -194,7 +203,7 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
                                            save)
         saved["mask"] = mask
     else:
-        st = _bn_params(x, B[0], spec.bns[0])
+        st = _bn_params(x, B[0], spec.bns[0], spec.group)
         stats.append(st)
         a0 = h = _bn_relu(x, st)
         if save:
@@ -204,7 +213,7 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
             if save:
                 zs.append(z)
             if i < k - 1:
-                st = _bn_params(z, B[i + 1], spec.bns[i + 1])
+                st = _bn_params(z, B[i + 1], spec.bns[i + 1], spec.group)
                 h = _bn_relu(z, st)
                 if save:
                     stats.append(st)
@@ -225,6 +234,23 @@ def _forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors, save
         saved.update(zs=zs, stats=stats,
                      acts=[] if spec.recompute else acts)
     return out, saved
+
+
+_STATS = 5  # (mean, rstd, scale, shift, count) per BN: see _bn_params
+
+
+def _bn_act_bwd(group, counts, *args):
+    """ops.run_bn_act_bwd; where a BN synchronises (its global count in ``counts``, one per
+    BN the call covers), its reduction and elementwise pass with the ranks' sums between."""
+    if all(c is None for c in counts):
+        return ops.run_bn_act_bwd(*args)
+    head, (scale_d, batch_stats, batch_stats_d), dz_add = args[:13], args[13:16], args[17]
+    z = head[1]
+    sums = ops.run_bn_act_bwd_reduce(*head)
+    means = distributed.mean_sums(sums, counts, z.numel() // max(z.shape[1], 1), group)
+    dz, dskip = ops.run_bn_act_bwd_apply(*head, scale_d, batch_stats, batch_stats_d, dz_add,
+                                         means)
+    return dz, dskip, sums
 
 
 def _needs(ctx, spec: BlockSpec, what: str, i: int = 0, field: int = 0) -> bool:
@@ -274,8 +300,8 @@ class FusedResidualBlock(torch.autograd.Function):
             if n is None:
                 saved[name] = rest.pop(0)
             elif name == "stats":
-                items = [rest.pop(0) for _ in range(4 * n)]
-                saved[name] = [tuple(items[4 * j: 4 * j + 4]) for j in range(n)]
+                items = [rest.pop(0) for _ in range(_STATS * n)]
+                saved[name] = [tuple(items[_STATS * j: _STATS * j + _STATS]) for j in range(n)]
             else:
                 saved[name] = [rest.pop(0) for _ in range(n)]
         grads = [None] * len(ctx.dtypes)
@@ -313,14 +339,16 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
     last_bn = spec.bns[-1]
     if spec.proj is not None:
         std = saved["stats_d"]
-        dz, dskip, sums = ops.run_bn_act_bwd(
+        dz, dskip, sums = _bn_act_bwd(
+            spec.group, (st[4], std[4]),
             dout, zs[-1], st[0], st[1], st[2], st[3], saved["mask"], 2, factor, 2,
             saved["zd"], std[0], std[1], std[2], last_bn.batch_stats, spec.proj_bn.batch_stats,
             _bn_needs_sums(ctx, spec, "bn", k - 1) or _bn_needs_sums(ctx, spec, "bnd"), None)
         if sums.numel():
             _set_bn_grads(ctx, spec, grads, sums, "bnd", offset=2)
     else:
-        dz, dskip, sums = ops.run_bn_act_bwd(
+        dz, dskip, sums = _bn_act_bwd(
+            spec.group, (st[4],),
             dout, zs[-1], st[0], st[1], st[2], st[3], saved["mask"], 2, factor, int(spec.skip),
             None, None, None, None, last_bn.batch_stats, False,
             _bn_needs_sums(ctx, spec, "bn", k - 1), None)
@@ -336,8 +364,8 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
             grads[_tensor_index(spec, "w", i)] = gw
         if i > 0:
             st = stats[i - 1]
-            dz, _, sums = ops.run_bn_act_bwd(
-                gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
+            dz, _, sums = _bn_act_bwd(
+                spec.group, (st[4],), gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
                 None, spec.bns[i - 1].batch_stats, False,
                 _bn_needs_sums(ctx, spec, "bn", i - 1), None)
             if sums.numel():
@@ -373,8 +401,8 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
             grads[_tensor_index(spec, "w", i)] = gw
         if i > 0:
             st = stats[i]
-            dz, _, sums = ops.run_bn_act_bwd(
-                gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
+            dz, _, sums = _bn_act_bwd(
+                spec.group, (st[4],), gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
                 None, spec.bns[i].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", i), None)
             if sums.numel():
                 _set_bn_grads(ctx, spec, grads, sums, "bn", i)
@@ -388,8 +416,8 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
     if not need_first:
         return None
     st = stats[0]
-    dx, _, sums = ops.run_bn_act_bwd(
-        _same_layout(gin, x), x, st[0], st[1], st[2], st[3], None, 1, None, 0, None, None,
+    dx, _, sums = _bn_act_bwd(
+        spec.group, (st[4],), _same_layout(gin, x), x, st[0], st[1], st[2], st[3], None, 1, None, 0, None, None,
         None, None, spec.bns[0].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", 0),
         _same_layout(dout, x) if spec.proj is None and spec.skip else None)
     if sums.numel():
@@ -451,7 +479,7 @@ def _check_norm(name: str, bn, c: int, x: Tensor, act_dtype: torch.dtype, spec: 
     if len(dtypes) > 1:
         raise TypeError(f"{name}'s parameters and running statistics must share one dtype, "
                         f"got {sorted(map(str, dtypes))}")
-    if spec.batch_stats:
+    if spec.batch_stats and not spec.sync:  # synchronised: the other ranks' values count too
         n, _, h, w = in_size
         if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -461,7 +489,7 @@ def _check_norm(name: str, bn, c: int, x: Tensor, act_dtype: torch.dtype, spec: 
 def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                          downsample: Optional[tuple] = None, preact: bool = False,
                          drop_factor: Optional[Tensor] = None, recompute: bool = False,
-                         skip: bool = True) -> Tensor:
+                         skip: bool = True, process_group=None) -> Tensor:
     """Run one residual block through the fused kernels.
 
     Args:
@@ -478,6 +506,11 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
         recompute: recompute the inner activations in the backward instead of saving them.
         skip: False for the plain form, the same block without its shortcut (as in the
             plain networks of the degradation experiment); ``downsample`` must then be None.
+        process_group: synchronise the batch statistics of every norm in training mode
+            over this torch.distributed group, as nn.SyncBatchNorm does. By default the
+            norms decide: nn.SyncBatchNorm norms synchronise over their own group (all of a
+            block's norms must then be SyncBatchNorm, with one group), others do not. No
+            collective runs in eval mode or with one rank (fusedres.distributed).
 
     Under autocast, x and the conv weights are cast to the autocast dtype here, and batch
     norm keeps its parameters and statistics in their own dtype."""
@@ -496,11 +529,21 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
         dt = torch.get_autocast_dtype(dev_type)
         with torch.autocast(dev_type, enabled=False):
             return _run(x if preact else x.to(dt), convs, norms, downsample, preact,
-                        drop_factor, recompute, dt, skip)
-    return _run(x, convs, norms, downsample, preact, drop_factor, recompute, None, skip)
+                        drop_factor, recompute, dt, skip, process_group)
+    return _run(x, convs, norms, downsample, preact, drop_factor, recompute, None, skip,
+                process_group)
 
 
-def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype, skip=True):
+def _sync_specs(specs, norms, group):
+    """Mark the BNs that synchronise: batch statistics in training mode, as nn.SyncBatchNorm."""
+    if distributed.world_size(group) == 1:
+        return specs
+    return [dataclasses.replace(s, sync=s.batch_stats and getattr(n, "training", False))
+            for s, n in zip(specs, norms)]
+
+
+def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype, skip=True,
+         process_group=None):
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     act = cast_dtype or x.dtype  # dtype of the convolutions and of every BN after one
@@ -511,6 +554,9 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
         s, t = bn_spec_and_tensors(norm)
         bn_specs.append(s)
         bn_tensors.append(t)
+    dnorm = downsample[2] if downsample is not None else None
+    group = distributed.block_group([*norms, dnorm], process_group)
+    bn_specs = _sync_specs(bn_specs, norms, group)
 
     # Check everything before any kernel runs, so an error leaves the statistics untouched.
     c_cur, hw = c, (h, w)
@@ -540,6 +586,7 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
         wd = dconv.weight if cast_dtype is None else dconv.weight.to(cast_dtype)
         if dnorm is not None:
             proj_bn_spec, bnd = bn_spec_and_tensors(dnorm)
+            proj_bn_spec = _sync_specs([proj_bn_spec], [dnorm], group)[0]
             _check_norm("downsample norm", dnorm, c_cur, x, act, proj_bn_spec, (n, c_cur, *hw))
         elif not preact:
             raise ValueError("a post-activation block's projection shortcut needs a norm layer")
@@ -555,7 +602,8 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
                      bns=tuple(bn_specs), proj=proj, proj_pool=pool, proj_bn=proj_bn_spec,
-                     recompute=recompute, skip=skip)
+                     recompute=recompute, skip=skip,
+                     group=group if any(b.sync for b in (*bn_specs, proj_bn_spec) if b) else None)
     tensors = [*weights, *[t for bt in bn_tensors for t in bt], wd, *bnd]
     grad_needed = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
@@ -563,3 +611,54 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
     if not grad_needed:
         return _forward(spec, x, drop_factor, tensors, save=False)[0]
     return FusedResidualBlock.apply(spec, x, drop_factor, *tensors)
+
+
+# --------------------------------------------------------------------------------------
+# A batch norm on its own (the stem's), synchronised: what nn.SyncBatchNorm computes, on
+# the fused primitives, so that it also runs on CPU tensors (gloo)
+# --------------------------------------------------------------------------------------
+
+
+class FusedBatchNorm(torch.autograd.Function):
+    """``FusedBatchNorm.apply(spec, group, x, weight, bias, running_mean, running_var,
+    num_batches_tracked)``: y = bn(x), statistics synchronised over ``group`` when
+    ``spec.sync``. Prefer ``fused_batch_norm``."""
+
+    @staticmethod
+    def forward(ctx, spec: BNSpec, group, x: Tensor, *tensors):
+        st = _bn_params(x, tensors, spec, group)
+        y, _ = ops.run_bn_act_fwd(x, st[2], st[3], None, None, None, None, False, False)
+        ctx.spec, ctx.group = spec, group
+        ctx.dtypes = [None if t is None else t.dtype for t in tensors[:2]]
+        ctx.save_for_backward(x, *st)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, mean, rstd, scale, shift, count = ctx.saved_tensors
+        need_params = any(ctx.needs_input_grad[3:5])
+        dx, _, sums = _bn_act_bwd(
+            ctx.group, (count,), _same_layout(dy, x), x, mean, rstd, scale, shift, None, 0,
+            None, 0, None, None, None, None, ctx.spec.batch_stats, False, need_params, None)
+        grads = [None] * 5
+        for i, row in ((0, 1), (1, 0)):  # dgamma = sum g*xhat, dbeta = sum g: this rank's
+            if ctx.dtypes[i] is not None and ctx.needs_input_grad[3 + i]:
+                grads[i] = sums[row].to(ctx.dtypes[i])
+        return (None, None, dx if ctx.needs_input_grad[2] else None, *grads)
+
+
+def fused_batch_norm(x: Tensor, norm: nn.Module, process_group=None) -> Tensor:
+    """``norm(x)`` for a 4-D x through the fused primitives, its batch statistics in
+    training mode synchronised over ``process_group`` (default: ``norm``'s own if it is an
+    nn.SyncBatchNorm), as nn.SyncBatchNorm computes them but also on CPU tensors."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    group = distributed.block_group([norm], process_group)
+    spec = _sync_specs([bn_spec_and_tensors(norm)[0]], [norm], group)[0]
+    _check_norm("norm", norm, x.shape[1], x, x.dtype, spec, tuple(x.shape))
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    _, tensors = bn_spec_and_tensors(norm)
+    return FusedBatchNorm.apply(spec, group if spec.sync else None, x, *tensors)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from .function import fused_residual_block
+from . import distributed
+from .function import fused_batch_norm, fused_residual_block
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,34 @@ class FusedPreActBottleneck(_FusedMixin, reference.PreActBottleneck):
     _fused_layout = BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"),
                                 preact=True, relus=("relu",), drop_path="drop_path_rate")
     _fused_original = reference.PreActBottleneck
+
+
+class FusedSyncBatchNorm(nn.BatchNorm2d):
+    """nn.SyncBatchNorm whose synchronised 4-D forward runs on the fused primitives, so that
+    it also works on CPU tensors (gloo), where nn.SyncBatchNorm refuses them. Otherwise
+    (eval mode, one rank, no torch.distributed, other ranks of input) it runs
+    nn.SyncBatchNorm's own forward.
+
+    fusedres.convert gives every nn.SyncBatchNorm of a model this class (revert gives
+    theirs back; same attributes, same state_dict). It is a BatchNorm2d, not an
+    nn.SyncBatchNorm, because DistributedDataParallel refuses any nn.SyncBatchNorm in a CPU
+    model; fusedres.distributed treats both alike."""
+
+    _fused_original = nn.SyncBatchNorm
+    _fusedres_sync = True  # what fusedres.distributed looks for, besides nn.SyncBatchNorm
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    # nn.SyncBatchNorm's forward, which the fallback runs, calls these two of its methods
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and self.training and distributed.world_size(
+                distributed.block_group([self])) > 1:
+            return fused_batch_norm(x, self)
+        return nn.SyncBatchNorm.forward(self, x)

@@ -384,7 +384,8 @@ def test_partly_unsupported_model_warns_once_naming_each_block():
     assert "left 4 block(s) unfused" in message
     assert "layer1.0 (BasicBlock): bn1 is GroupNorm, not a batch norm" in message
     assert "layer1.1 (BasicBlock): conv2 has a bias" in message
-    assert "layer2.0 (BasicBlock): bn2 is SyncBatchNorm" in message
+    assert ("layer2.0 (BasicBlock): its norms must all be nn.SyncBatchNorm or none of them, "
+            "got BatchNorm2d, SyncBatchNorm, BatchNorm2d") in message
     assert "layer3.0 (BasicBlock): conv1 has padding_mode='reflect'" in message
     assert fusedres.fused_blocks(model) == ["layer4.0"]
 
