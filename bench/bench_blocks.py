@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import benchlib
-from blockcases import (DTYPES, BlockCase, block_steps, check_against,
+from blockcases import (DTYPES, FUSED_PROVIDERS, BlockCase, block_steps, check_against,
                         compiled_graphs, make_fused_twin, measure, place, provider_backend,
                         randomize_bn, require_provider)
 
@@ -106,3 +106,6 @@ def test_block(benchmark, case: BlockCase, mode: str, config, provider: str):
     info.update(measure(benchmark, step, batch, provider, graphs0, WARMUP, ROUNDS,
                         3 if benchlib.HAS_CUDA else 1))
     benchlib.record(benchmark, info)
+    if provider in FUSED_PROVIDERS and "profile failed" not in info.get("fused_note", ""):
+        # the byte floor column must not go blank unnoticed
+        assert info.get("fused_bytes", 0) > 0 and info.get("fused_ms", 0) > 0, info.get("fused_note")

@@ -248,12 +248,13 @@ BYTE_COUNTS = {"bn_stats": bytes_bn_stats, "bn_act_fwd": bytes_bn_act_fwd,
 def count_fused_bytes():
     """Count, per op, the calls and the bytes the fused primitives must move while active.
 
-    Wraps the attributes of fusedres.ops that fusedres.function calls (``ops.bn_stats``
-    and so on, looked up at each call), so it sees every backend. Yields a Counter with
-    'bytes', 'calls' and '<op>_bytes'."""
+    Wraps the attributes of fusedres.ops that fusedres.function calls (``ops.run_bn_stats``
+    and so on, looked up at each call), so it sees every backend, and names each call
+    "fusedres::<op>" for the profiler (eager calls skip the dispatcher, which would name
+    them). Yields a Counter with 'bytes', 'calls' and '<op>_bytes'."""
     from fusedres import ops
     counter: collections.Counter = collections.Counter()
-    saved = {name: getattr(ops, name) for name in BYTE_COUNTS}
+    saved = {name: getattr(ops, f"run_{name}") for name in BYTE_COUNTS}
 
     def wrap(name, op):
         def counted(*args, **kwargs):
@@ -261,16 +262,17 @@ def count_fused_bytes():
             counter["bytes"] += b
             counter[f"{name}_bytes"] += b
             counter["calls"] += 1
-            return op(*args, **kwargs)
+            with torch.profiler.record_function(f"fusedres::{name}"):
+                return op(*args, **kwargs)
         return counted
 
     try:
         for name, op in saved.items():
-            setattr(ops, name, wrap(name, op))
+            setattr(ops, f"run_{name}", wrap(name, op))
         yield counter
     finally:
         for name, op in saved.items():
-            setattr(ops, name, op)
+            setattr(ops, f"run_{name}", op)
 
 
 def _event_time_ms(evt, cuda: bool) -> float:
@@ -303,7 +305,7 @@ def fused_op_profile(fn: Callable[[], object], iters: int = 3) -> dict:
             sync()
     out = {"fused_bytes": counter["bytes"] // iters, "fused_calls": counter["calls"] // iters}
     if not out["fused_bytes"]:
-        out["fused_note"] = "no fused op seen: fusedres.function no longer calls ops.<name>?"
+        out["fused_note"] = "no fused op seen: fusedres.function no longer calls ops.run_<name>?"
         return out
     bw = copy_bandwidth_gbps()
     out["floor_ms"] = out["fused_bytes"] / (bw * 1e9) * 1e3
