@@ -240,10 +240,11 @@ def convert(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.DataParallel):
         warnings.warn("fusedres.convert: nn.DataParallel is not supported; use "
                       "DistributedDataParallel (one process per GPU)", stacklevel=2)
-    skipped, seen = [], 0
+    skipped, seen, norms = [], 0, 0
     for name, m in model.named_modules():
         if type(m) is nn.SyncBatchNorm:
             m.__class__ = FusedSyncBatchNorm
+            norms += 1
             continue
         if is_fused(m):
             seen += 1
@@ -260,8 +261,10 @@ def convert(model: nn.Module) -> nn.Module:
         warnings.warn(f"fusedres.convert left {len(skipped)} block(s) unfused:\n  "
                       + "\n  ".join(skipped), stacklevel=2)
     elif seen == 0:
+        changed = (f"only its {norms} SyncBatchNorm layer(s) became FusedSyncBatchNorm"
+                   if norms else "the model is unchanged")
         warnings.warn(f"fusedres.convert found no ResNet block in {type(model).__name__}; "
-                      "the model is unchanged", stacklevel=2)
+                      f"{changed}", stacklevel=2)
     return model
 
 

@@ -9,7 +9,8 @@ A block synchronises its batch norms over a torch.distributed process group, exa
   of the whole batch and updates its running statistics with the whole batch's unbiased
   variance; ranks may hold different batch sizes, an empty one included.
 * backward, per such BN: each rank's sums (sum g, sum g*xhat; ``bn_act_bwd_reduce``) -> one
-  all_reduce -> divided by the global count -> the elementwise pass (``bn_act_bwd_apply``).
+  all_reduce (one for both BNs of a projection block, whose sums come out of one pass) ->
+  divided by the global count -> the elementwise pass (``bn_act_bwd_apply``).
   The gradients of gamma and beta stay this rank's own, as nn.SyncBatchNorm's do:
   DistributedDataParallel reduces parameter gradients.
 
@@ -66,19 +67,25 @@ def block_group(norms: Sequence[Optional[nn.Module]], process_group=None):
 
 
 def world_size(group) -> int:
-    """Ranks in ``group``; 1 when there is nothing to synchronise over."""
-    return 1 if group is None else torch.distributed.get_world_size(group)
+    """Ranks in ``group``; 1 when there is nothing to synchronise over, including on a rank
+    outside the group (where torch.distributed says -1 and nn.SyncBatchNorm runs plain)."""
+    return 1 if group is None else max(torch.distributed.get_world_size(group), 1)
 
 
 def gather_moments(moments: Tensor, group) -> Tensor:
     """All ranks' [3, C] moments as [R, 3, C] (one all_gather)."""
     R = torch.distributed.get_world_size(group)
-    if torch.distributed.get_backend(group) != "gloo":
-        out = moments.new_empty((R, *moments.shape))
-        torch.distributed.all_gather_into_tensor(out, moments.contiguous(), group=group)
-        return out
-    parts = [torch.empty_like(moments) for _ in range(R)]  # gloo has no all_gather_into_tensor
-    torch.distributed.all_gather(parts, moments.contiguous(), group=group)
+    moments = moments.contiguous()
+    if "nccl" in torch.distributed.get_backend(group):  # straight into one tensor
+        single = getattr(torch.distributed, "all_gather_single", None)  # torch >= 2.14's name
+        single = single or torch.distributed.all_gather_into_tensor
+        out = moments.new_empty((R * moments.shape[0], moments.shape[1]))
+        single(out, moments, group=group)
+        return out.view(R, *moments.shape)
+    # gloo (named "gloo", "cpu:gloo", or "undefined" when the backend was left to torch)
+    # takes the list form on every device
+    parts = [torch.empty_like(moments) for _ in range(R)]
+    torch.distributed.all_gather(parts, moments, group=group)
     return torch.stack(parts)
 
 

@@ -365,7 +365,8 @@ def _backward_post(ctx, spec, dout, x, factor, W, Wd, saved, grads):
         if i > 0:
             st = stats[i - 1]
             dz, _, sums = _bn_act_bwd(
-                spec.group, (st[4],), gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
+                spec.group, (st[4],),
+                gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
                 None, spec.bns[i - 1].batch_stats, False,
                 _bn_needs_sums(ctx, spec, "bn", i - 1), None)
             if sums.numel():
@@ -402,7 +403,8 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
         if i > 0:
             st = stats[i]
             dz, _, sums = _bn_act_bwd(
-                spec.group, (st[4],), gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
+                spec.group, (st[4],),
+                gin, zs[i - 1], st[0], st[1], st[2], st[3], None, 1, None, 0, None, None, None,
                 None, spec.bns[i].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", i), None)
             if sums.numel():
                 _set_bn_grads(ctx, spec, grads, sums, "bn", i)
@@ -417,7 +419,8 @@ def _backward_preact(ctx, spec, dout, x, factor, W, Wd, saved, grads):
         return None
     st = stats[0]
     dx, _, sums = _bn_act_bwd(
-        spec.group, (st[4],), _same_layout(gin, x), x, st[0], st[1], st[2], st[3], None, 1, None, 0, None, None,
+        spec.group, (st[4],),
+        _same_layout(gin, x), x, st[0], st[1], st[2], st[3], None, 1, None, 0, None, None,
         None, None, spec.bns[0].batch_stats, False, _bn_needs_sums(ctx, spec, "bn", 0),
         _same_layout(dout, x) if spec.proj is None and spec.skip else None)
     if sums.numel():
@@ -536,7 +539,7 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
 
 def _sync_specs(specs, norms, group):
     """Mark the BNs that synchronise: batch statistics in training mode, as nn.SyncBatchNorm."""
-    if distributed.world_size(group) == 1:
+    if distributed.world_size(group) <= 1:
         return specs
     return [dataclasses.replace(s, sync=s.batch_stats and getattr(n, "training", False))
             for s, n in zip(specs, norms)]
@@ -638,14 +641,19 @@ class FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, mean, rstd, scale, shift, count = ctx.saved_tensors
         need_params = any(ctx.needs_input_grad[3:5])
-        dx, _, sums = _bn_act_bwd(
-            ctx.group, (count,), _same_layout(dy, x), x, mean, rstd, scale, shift, None, 0,
-            None, 0, None, None, None, None, ctx.spec.batch_stats, False, need_params, None)
+        head = (_same_layout(dy, x), x, mean, rstd, scale, shift, None, 0, None, 0, None, None,
+                None)
+        dx = None
+        if ctx.needs_input_grad[2]:
+            dx, _, sums = _bn_act_bwd(ctx.group, (count,), *head, None, ctx.spec.batch_stats,
+                                      False, need_params, None)
+        elif need_params:  # this rank's sums alone: no all_reduce, as nn.SyncBatchNorm
+            sums = ops.run_bn_act_bwd_reduce(*head)
         grads = [None] * 5
         for i, row in ((0, 1), (1, 0)):  # dgamma = sum g*xhat, dbeta = sum g: this rank's
             if ctx.dtypes[i] is not None and ctx.needs_input_grad[3 + i]:
                 grads[i] = sums[row].to(ctx.dtypes[i])
-        return (None, None, dx if ctx.needs_input_grad[2] else None, *grads)
+        return (None, None, dx, *grads)
 
 
 def fused_batch_norm(x: Tensor, norm: nn.Module, process_group=None) -> Tensor:

@@ -155,7 +155,7 @@ class FusedPreActBottleneck(_FusedMixin, reference.PreActBottleneck):
 class FusedSyncBatchNorm(nn.BatchNorm2d):
     """nn.SyncBatchNorm whose synchronised 4-D forward runs on the fused primitives, so that
     it also works on CPU tensors (gloo), where nn.SyncBatchNorm refuses them. Otherwise
-    (eval mode, one rank, no torch.distributed, other ranks of input) it runs
+    (eval mode, one rank, no torch.distributed, an input that is not 4-D) it runs
     nn.SyncBatchNorm's own forward.
 
     fusedres.convert gives every nn.SyncBatchNorm of a model this class (revert gives
@@ -168,8 +168,10 @@ class FusedSyncBatchNorm(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 device=None, dtype=None, **kwargs) -> None:
+        # kwargs: what newer BatchNorm2d constructors take besides (torch 2.14: bias=)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, **kwargs)
         self.process_group = process_group
 
     # nn.SyncBatchNorm's forward, which the fallback runs, calls these two of its methods
