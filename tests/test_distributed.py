@@ -13,6 +13,7 @@ CPU ranks run the reference backend (the collectives are the same either way).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -138,9 +139,20 @@ BLOCKS = [  # (kind, c_in, planes, stride, channels_last, backward all_reduces)
 ]
 
 
-def _block_worker(rank, world, sizes, convert_first):
+def _block_worker(rank, world, sizes, convert_first, backend=None):
     """One block per kind: the fused synchronised block on this rank's slice against the
     plain block on the whole batch (every rank computes the reference itself)."""
+    with fusedres.use_backend(backend) if backend else contextlib.nullcontext():
+        assert fusedres.backend_for(torch.device("cpu")) == (
+            backend or ("triton" if INTERPRET else "reference"))
+        _block_cases(rank, world, sizes, convert_first)
+    if INTERPRET and backend is None:  # the Triton kernels ran, not the reference
+        from fusedres.kernels import LAUNCHES
+        assert LAUNCHES["_bn_stats_finalize_kernel"] > 0
+        assert LAUNCHES["_bn_act_bwd_apply_kernel"] > 0 or sizes[rank] == 0
+
+
+def _block_cases(rank, world, sizes, convert_first):
     torch.set_default_dtype(torch.float64)
     offsets = [sum(sizes[:r]) for r in range(world + 1)]
     lo, hi = offsets[rank], offsets[rank + 1]
@@ -193,10 +205,6 @@ def _block_worker(rank, world, sizes, convert_first):
         with Collectives() as calls, torch.no_grad():
             _close(fus(x[lo:hi]), ref(x)[lo:hi], f"{name} eval output")
         assert calls.total == 0, (name, calls.calls)
-    if INTERPRET:
-        from fusedres.kernels import LAUNCHES
-        assert LAUNCHES["_bn_stats_finalize_kernel"] > 0
-        assert LAUNCHES["_bn_act_bwd_apply_kernel"] > 0 or hi == lo
 
 
 def _functional_worker(rank, world):
@@ -343,6 +351,18 @@ def test_sync_block_matches_whole_batch(world, sizes):
     # 2 ranks: SyncBatchNorm put into fused blocks; 3 ranks, one of them with no sample:
     # blocks converted after
     run_ranks(_block_worker, world, sizes, world == 2)
+
+
+def test_sync_block_on_csrc_ref():
+    """The same through the hand-written C++ primitives (built here first; the ranks load
+    the build from cpp_extension's cache)."""
+    import shutil
+    from torch.utils import cpp_extension
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available():
+        pytest.skip("cannot build csrc_ref: no C++ compiler or no ninja")
+    from fusedres import csrc
+    csrc.load(torch.device("cpu"))
+    run_ranks(_block_worker, 2, (2, 3), False, "csrc_ref")
 
 
 def test_sync_functional_process_group_and_one_rank_group():
