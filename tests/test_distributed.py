@@ -234,6 +234,35 @@ def _functional_worker(rank, world):
         _close(y, local(x[lo:hi]), f"{what}: the block on this rank's batch")
 
 
+def _compiled_worker(rank, world):
+    """torch.compile (aot_eager, whole graph) of a synchronised fused block: the same as
+    eager, the collectives included."""
+    torch.set_default_dtype(torch.float64)
+    _, fus = make_pair("basic", 6, 8, 2, seed=7)
+    plain = copy.deepcopy(fus).double()
+    fus = nn.SyncBatchNorm.convert_sync_batchnorm(fus.double())
+    eager = copy.deepcopy(fus)
+    compiled = torch.compile(fus, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(rank)
+    x = torch.randn(2 + rank, 6, 9, 8)
+    with torch.no_grad():  # the test has teeth: these ranks' own statistics give another y
+        diff = (copy.deepcopy(eager)(x) - plain(x)).abs().max().item()
+    assert diff > 1e-3, diff
+    for step in range(2):
+        y = compiled(x)  # (no Collectives() here: dynamo would trace the counting wrapper)
+        y.sum().backward()
+        ye = eager(x)
+        ye.sum().backward()
+        _close(y, ye, f"compiled vs eager, step {step}")
+        for n, p, pe in _pairs(fus, eager, "named_parameters"):
+            _close(p.grad, pe.grad, f"{n}.grad step {step}")
+        for n, b, be in _pairs(fus, eager, "named_buffers"):
+            if b.dtype != torch.long:
+                _close(b, be, f"{n} step {step}")
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+
+
 def _sgd_models(sync_first: bool):
     """(reference resnet18, the converted synchronised copy) with the same weights."""
     torchvision = pytest.importorskip("torchvision")
@@ -367,6 +396,10 @@ def test_sync_block_on_csrc_ref():
 
 def test_sync_functional_process_group_and_one_rank_group():
     run_ranks(_functional_worker, 2)
+
+
+def test_sync_block_under_torch_compile():
+    run_ranks(_compiled_worker, 2)
 
 
 def test_ddp_resnet18_sync_trains_like_one_process():
