@@ -463,9 +463,10 @@ def _check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype, c
         raise TypeError(f"{name}.weight must have dtype {act_dtype} like x, got {w.dtype}")
 
 
-def _check_norm(name: str, bn, c: int, x: Tensor, act_dtype: torch.dtype, spec: BNSpec,
+def _check_norm(name: str, tensors, c: int, x: Tensor, act_dtype: torch.dtype, spec: BNSpec,
                 in_size: tuple):
-    _, tensors = bn_spec_and_tensors(bn)
+    """``tensors``: the norm's (weight, bias, running_mean, running_var, ...), as
+    bn_spec_and_tensors gives them (read once a call: a module attribute costs microseconds)."""
     allowed = {act_dtype, torch.float32} if act_dtype in (torch.float16, torch.bfloat16) else {act_dtype}
     for field, t in zip(("weight", "bias", "running_mean", "running_var"), tensors[:4]):
         if t is None:
@@ -564,15 +565,16 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
     # Check everything before any kernel runs, so an error leaves the statistics untouched.
     c_cur, hw = c, (h, w)
     if preact:
-        _check_norm("norms[0]", norms[0], c, x, x.dtype, bn_specs[0], (n, c, h, w))
+        _check_norm("norms[0]", bn_tensors[0], c, x, x.dtype, bn_specs[0], (n, c, h, w))
     for i, conv in enumerate(convs):
         _check_conv(f"convs[{i}]", conv, c_cur, x, act, cast_dtype is not None)
         hw = _conv_out_hw(*hw, conv)
         c_cur = conv.weight.shape[0]
         if not preact:
-            _check_norm(f"norms[{i}]", norms[i], c_cur, x, act, bn_specs[i], (n, c_cur, *hw))
+            _check_norm(f"norms[{i}]", bn_tensors[i], c_cur, x, act, bn_specs[i], (n, c_cur, *hw))
         elif i + 1 < len(convs):
-            _check_norm(f"norms[{i + 1}]", norms[i + 1], c_cur, x, act, bn_specs[i + 1], (n, c_cur, *hw))
+            _check_norm(f"norms[{i + 1}]", bn_tensors[i + 1], c_cur, x, act, bn_specs[i + 1],
+                        (n, c_cur, *hw))
     proj = proj_bn_spec = None
     pool = 0
     wd, bnd = None, (None,) * 5
@@ -590,7 +592,7 @@ def _run(x, convs, norms, downsample, preact, drop_factor, recompute, cast_dtype
         if dnorm is not None:
             proj_bn_spec, bnd = bn_spec_and_tensors(dnorm)
             proj_bn_spec = _sync_specs([proj_bn_spec], [dnorm], group)[0]
-            _check_norm("downsample norm", dnorm, c_cur, x, act, proj_bn_spec, (n, c_cur, *hw))
+            _check_norm("downsample norm", bnd, c_cur, x, act, proj_bn_spec, (n, c_cur, *hw))
         elif not preact:
             raise ValueError("a post-activation block's projection shortcut needs a norm layer")
     elif skip and (c_cur != c or hw != (h, w)):
@@ -664,9 +666,9 @@ def fused_batch_norm(x: Tensor, norm: nn.Module, process_group=None) -> Tensor:
         raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     group = distributed.block_group([norm], process_group)
-    spec = _sync_specs([bn_spec_and_tensors(norm)[0]], [norm], group)[0]
-    _check_norm("norm", norm, x.shape[1], x, x.dtype, spec, tuple(x.shape))
+    spec, tensors = bn_spec_and_tensors(norm)
+    spec = _sync_specs([spec], [norm], group)[0]
+    _check_norm("norm", tensors, x.shape[1], x, x.dtype, spec, tuple(x.shape))
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
-    _, tensors = bn_spec_and_tensors(norm)
     return FusedBatchNorm.apply(spec, group if spec.sync else None, x, *tensors)
