@@ -152,8 +152,10 @@ def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
     return y, mask
 
 
-def _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor):
-    """(g, g_b, xhat): dy through the ReLU, times the branch factor, and the normalised z."""
+def _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
+                mean_d, rstd_d):
+    """(g, g_b, xhat, xhat_d): dy through the ReLU, times the branch factor, the normalised
+    z, and the normalised zd of a projection BN (None without one)."""
     g = _acc(dy)
     if mask_mode == 1:
         keep = ~((_acc(z) * _per_channel(scale) + _per_channel(shift)) <= 0)
@@ -162,35 +164,21 @@ def _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor):
         g = torch.where(unpack_relu_mask(mask, z), g, 0.0)
     g_b = g * factor.to(g.dtype).view(-1, 1, 1, 1) if factor is not None else g
     xhat = (_acc(z) - _per_channel(mean)) * _per_channel(rstd)
-    return g, g_b, xhat
+    xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d) if skip_mode == 2 else None
+    return g, g_b, xhat, xhat_d
 
 
-def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
-                      shift: Tensor, mask: Optional[Tensor], mask_mode: int,
-                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
-                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]):
-    """The per-channel sums of the backward, [2 or 4, C] in the statistics dtype:
-    (sum g_b, sum g_b*xhat[, sum g, sum g*xhat_d] when skip_mode == 2). Under synchronised
-    batch norm these are what the ranks add up before bn_act_bwd_apply."""
-    g, g_b, xhat = _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor)
+def _sums(g, g_b, xhat, xhat_d) -> Tensor:
     sums = [g_b.sum((0, 2, 3)), (g_b * xhat).sum((0, 2, 3))]
-    if skip_mode == 2:
-        xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d)
+    if xhat_d is not None:
         sums += [g.sum((0, 2, 3)), (g * xhat_d).sum((0, 2, 3))]
     return torch.stack(sums)
 
 
-def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
-                     shift: Tensor, mask: Optional[Tensor], mask_mode: int,
-                     factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
-                     mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
-                     scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
-                     dz_add: Optional[Tensor], mean_sums: Tensor):
-    """dz (and dskip or dzd) given ``mean_sums``: the rows of bn_act_bwd_reduce divided by
-    the number of values per channel they were summed over (all ranks' under synchronised
-    batch norm). Rows are read only where batch_stats / batch_stats_d. Returns (dz, dskip)."""
+def _apply(terms, dy, z, zd, scale, scale_d, skip_mode, batch_stats, batch_stats_d, dz_add,
+           mean_sums):
+    g, g_b, xhat, xhat_d = terms
     fmt = memory_format(z)
-    g, g_b, xhat = _grad_and_xhat(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor)
     ms = mean_sums.to(g.dtype)
     if batch_stats:
         dz = _per_channel(scale) * (g_b - _per_channel(ms[0]) - xhat * _per_channel(ms[1]))
@@ -202,7 +190,6 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
     if skip_mode == 1:
         dskip = g.to(dy.dtype, copy=True).contiguous(memory_format=fmt)
     elif skip_mode == 2:
-        xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d)
         if batch_stats_d:
             dzd = _per_channel(scale_d) * (g - _per_channel(ms[2]) - xhat_d * _per_channel(ms[3]))
         else:
@@ -213,6 +200,32 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
     return dz, dskip
 
 
+def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                      shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]):
+    """The per-channel sums of the backward, [2 or 4, C] in the statistics dtype:
+    (sum g_b, sum g_b*xhat[, sum g, sum g*xhat_d] when skip_mode == 2). Under synchronised
+    batch norm these are what the ranks add up before bn_act_bwd_apply."""
+    return _sums(*_grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                              skip_mode, zd, mean_d, rstd_d))
+
+
+def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                     shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                     factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                     mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                     scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
+                     dz_add: Optional[Tensor], mean_sums: Tensor):
+    """dz (and dskip or dzd) given ``mean_sums``: the rows of bn_act_bwd_reduce divided by
+    the number of values per channel they were summed over (all ranks' under synchronised
+    batch norm). Rows are read only where batch_stats / batch_stats_d. Returns (dz, dskip)."""
+    terms = _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                        zd, mean_d, rstd_d)
+    return _apply(terms, dy, z, zd, scale, scale_d, skip_mode, batch_stats, batch_stats_d,
+                  dz_add, mean_sums)
+
+
 def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
                mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
                skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
@@ -220,18 +233,17 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                batch_stats: bool, batch_stats_d: bool, need_sums: bool,
                dz_add: Optional[Tensor]):
     """Backward of bn_act_fwd; see fusedres.kernels.launch.bn_act_bwd for the contract.
-    It is bn_act_bwd_apply(..., bn_act_bwd_reduce(...) / M) with M = N*H*W."""
-    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
-    if reduce:
-        sums = bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
-                                 skip_mode, zd, mean_d, rstd_d)
+    It is bn_act_bwd_apply(..., bn_act_bwd_reduce(...) / M) with M = N*H*W, the terms
+    computed once for both."""
+    terms = _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                        zd, mean_d, rstd_d)
+    if batch_stats or need_sums or (skip_mode == 2 and batch_stats_d):
+        sums = _sums(*terms)
         mean_sums = sums / max(z.numel() // max(z.shape[1], 1), 1)
     else:
-        sums = z.new_empty(0, dtype=stats_dtype(z))
-        mean_sums = sums
-    dz, dskip = bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
-                                 skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats,
-                                 batch_stats_d, dz_add, mean_sums)
+        sums = mean_sums = z.new_empty(0, dtype=stats_dtype(z))
+    dz, dskip = _apply(terms, dy, z, zd, scale, scale_d, skip_mode, batch_stats, batch_stats_d,
+                       dz_add, mean_sums)
     return dz, dskip, sums
 
 

@@ -149,9 +149,9 @@ def bn_moments(x: Tensor) -> Tensor:
     """This process's (count, mean, M2) per channel as [3, C], for the ranks to exchange
     under synchronised batch norm; zeros for an empty x. See fusedres.reference."""
     C = x.shape[1]
-    moments = torch.zeros((3, C), device=x.device, dtype=stats_dtype(x))
     if x.numel() == 0:
-        return moments
+        return torch.zeros((3, C), device=x.device, dtype=stats_dtype(x))
+    moments = torch.empty((3, C), device=x.device, dtype=stats_dtype(x))  # the kernel fills it
     part_mean, part_m2, part_count = _partial_stats(x)
     # (the normalisation it also writes is unused; eps 1 keeps it finite)
     _finalize(part_mean, part_m2, part_count, part_count.shape[0], C, C, 1, None, None, None,
