@@ -28,9 +28,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
-
-from . import distributed, ops
+from . import distributed, ops, parity
 from .layout import memory_format
 from .records import BNParams, BNStats, BwdArgs, BwdOut, Norm
 
@@ -367,7 +365,7 @@ class FusedResidualBlock(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @parity.fused_backward(parity.describe_block, parity.block_backward_batched)
     def backward(ctx, dout: Tensor):
         spec: BlockSpec = ctx.spec
         k = len(spec.convs)

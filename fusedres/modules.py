@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from . import distributed
+from . import distributed, parity
 from .batchnorm import fused_batch_norm
-from .plan import run_module
+from .plan import check_sizes, run_module
+from .records import BNParams
 
 
 @dataclass(frozen=True)
@@ -179,4 +180,9 @@ class FusedSyncBatchNorm(nn.BatchNorm2d):
         if x.dim() == 4 and self.training and distributed.world_size(
                 distributed.block_group([self])) > 1:
             return fused_batch_norm(x, self)
-        return nn.SyncBatchNorm.forward(self, x)
+        # fusedres's checks and rule, as on the fused path: a wrong size raises ShapeError,
+        # and a failed call leaves num_batches_tracked alone (nn.SyncBatchNorm counts first)
+        self._check_input_dim(x)
+        check_sizes("norm", BNParams(self.weight, self.bias, self.running_mean,
+                                     self.running_var, None), x.shape[1])
+        return parity.leave_count_on_error(self, nn.SyncBatchNorm.forward, x)

@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, parity
+from .errors import ShapeError
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
 from .records import BNParams
 
@@ -92,36 +93,53 @@ def check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype, ca
     if w.device != x.device:
         raise ValueError(f"{name}.weight must be on {x.device} like x, got {w.device}")
     if w.shape[1] * conv.groups != c_in:
-        raise ValueError(f"{name} expects {w.shape[1] * conv.groups} input channels, "
-                         f"got an input with {c_in}")
+        raise ShapeError(f"{name}'s input", f"have {w.shape[1] * conv.groups} channels",
+                         f"{c_in}")
     if w.dtype != act_dtype and not (cast and w.is_floating_point()):
         raise TypeError(f"{name}.weight must have dtype {act_dtype} like x, got {w.dtype}")
 
 
+def check_sizes(name: str, p: BNParams, c: int) -> None:
+    """Each of a norm's tensors has one value per channel (PyTorch raises RuntimeError
+    here, fusedres's rule ValueError: ShapeError is both)."""
+    for field, t in zip(("weight", "bias", "running_mean", "running_var"), p[:4]):
+        if t is not None and t.shape != (c,):
+            raise ShapeError(f"{name}.{field}", f"have shape ({c},) to match {c} channels",
+                             f"{tuple(t.shape)}")
+
+
 def check_norm(name: str, p: BNParams, c: int, x: Tensor, act_dtype: torch.dtype,
                spec: BNSpec, in_size: tuple):
-    """``p``: the norm's tensors as read_norm gives them."""
+    """``p``: the norm's tensors as read_norm gives them. Checks in PyTorch's order (one
+    value per channel and eps in F.batch_norm, then the tensors in ATen)."""
+    if spec.batch_stats and not spec.sync:  # synchronised: the other ranks' values count too
+        n, _, h, w = in_size
+        if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
+            raise ShapeError(f"{name}'s input", "have more than 1 value per channel",
+                             f"{torch.Size(in_size)}",
+                             "Expected more than 1 value per channel when training, "
+                             f"got input size {torch.Size(in_size)}")
+    # PyTorch's own checks and messages (torch.nn.functional.batch_norm)
+    if spec.batch_stats and spec.eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {spec.eps}")
+    if spec.eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {spec.eps}")
+    check_sizes(name, p, c)
+    # an empty batch computes nothing: PyTorch then accepts any floating dtypes
+    empty = 0 in in_size
     allowed = {act_dtype, torch.float32} if act_dtype in (torch.float16, torch.bfloat16) else {act_dtype}
     for field, t in zip(("weight", "bias", "running_mean", "running_var"), p[:4]):
         if t is None:
             continue
-        if t.shape != (c,):
-            raise ValueError(f"{name}.{field} must have shape ({c},) to match {c} channels, "
-                             f"got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name}.{field} must be on {x.device} like x, got {t.device}")
-        if t.dtype not in allowed:
+        if t.dtype not in allowed and not (empty and t.is_floating_point()):
             raise TypeError(f"{name}.{field} must have dtype {' or '.join(sorted(map(str, allowed)))} "
                             f"for {act_dtype} activations, got {t.dtype}")
     dtypes = {t.dtype for t in p[:4] if t is not None}
-    if len(dtypes) > 1:
+    if len(dtypes) > 1 and not empty:
         raise TypeError(f"{name}'s parameters and running statistics must share one dtype, "
                         f"got {sorted(map(str, dtypes))}")
-    if spec.batch_stats and not spec.sync:  # synchronised: the other ranks' values count too
-        n, _, h, w = in_size
-        if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {torch.Size(in_size)}")
 
 
 def sync_specs(specs, norms, group):
@@ -181,8 +199,8 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
         check_conv("downsample conv", dconv, c, x, act, cast is not None)
         dhw = _conv_out_hw(*_pool_out_hw(h, w, pool), dconv)
         if dconv.weight.shape[0] != c_cur or dhw != hw:
-            raise ValueError(f"the shortcut gives [{dconv.weight.shape[0]}, {dhw[0]}, {dhw[1]}] "
-                             f"but the main path gives [{c_cur}, {hw[0]}, {hw[1]}]")
+            raise ShapeError("the shortcut's output", f"match the main path's [{c_cur}, "
+                             f"{hw[0]}, {hw[1]}]", f"[{dconv.weight.shape[0]}, {dhw[0]}, {dhw[1]}]")
         proj = ConvSpec.of(dconv)
         wd = dconv.weight if cast is None else dconv.weight.to(cast)
         if dnorm is not None:
@@ -192,8 +210,9 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
         elif not preact:
             raise ValueError("a post-activation block's projection shortcut needs a norm layer")
     elif skip and (c_cur != c or hw != (h, w)):
-        raise ValueError(f"identity shortcut needs the main path to keep the shape [{c}, {h}, {w}], "
-                         f"got [{c_cur}, {hw[0]}, {hw[1]}]: pass a downsample")
+        raise ShapeError("the main path's output", f"keep the shape [{c}, {h}, {w}] for an "
+                         "identity shortcut (else pass a downsample)",
+                         f"[{c_cur}, {hw[0]}, {hw[1]}]")
     _check_factor(factor, x)
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
@@ -210,9 +229,12 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
 
 
 def _check_factor(factor: Optional[Tensor], x: Tensor) -> None:
-    if factor is not None and (factor.shape != (x.shape[0],) or factor.device != x.device):
-        raise ValueError(f"drop_factor must have shape ({x.shape[0]},) on {x.device}, got "
-                         f"{tuple(factor.shape)} on {factor.device}")
+    if factor is None:
+        return
+    if factor.shape != (x.shape[0],):
+        raise ShapeError("drop_factor", f"have shape ({x.shape[0]},)", f"{tuple(factor.shape)}")
+    if factor.device != x.device:
+        raise ValueError(f"drop_factor must be on {x.device} like x, got {factor.device}")
 
 
 def execute(plan: BlockPlan, x: Tensor, factor: Optional[Tensor], tensors) -> Tensor:
@@ -235,7 +257,7 @@ def _check_x(x, n_convs: int, n_norms: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [N, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
+        raise ShapeError("x", "be 4-D [N, C, H, W]", f"{x.dim()}-D with shape {tuple(x.shape)}")
     if n_convs not in (2, 3) or n_norms != n_convs:
         raise ValueError(f"a block needs 2 or 3 convs and one norm per conv, got {n_convs} "
                          f"convs and {n_norms} norms")
@@ -271,6 +293,9 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     norm keeps its parameters and statistics in their own dtype. Each call checks and
     plans afresh; the fused modules cache their plan (see ``run_module``)."""
     _check_x(x, len(convs), len(norms))
+    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
+        return parity.composite_block(x, convs, norms, downsample, preact, drop_factor, skip,
+                                      process_group)
     read = [read_norm(nm) for nm in norms]
     specs, params = [r[0] for r in read], [r[1] for r in read]
     cast = _autocast_dtype(x)
@@ -328,6 +353,9 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
         return fused_residual_block(x, convs, norms, split_downsample(ds, layout.preact),
                                     layout.preact, factor, block.recompute)
     _check_x(x, len(convs), len(norms))
+    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
+        return parity.composite_block(x, convs, norms, split_downsample(ds, layout.preact),
+                                      layout.preact, factor, True)
     cached = _PLANS.get(block)
     ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
     if cached is not None and cached.ds_key == ds_key:
