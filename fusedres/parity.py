@@ -161,9 +161,10 @@ def fused_backward(describe, batched_backward):
             if not torch.is_grad_enabled():  # the usual case: create_graph=False
                 return outputs
             return _once_differentiable_error(
-                f"{describe(ctx)} is once-differentiable: its gradient cannot be "
-                "differentiated again (create_graph=True: a gradient penalty, a Hessian, "
-                "gradgradcheck). Run the plain PyTorch blocks for this: "
+                "trying to differentiate twice a function that was marked with "
+                f"@once_differentiable: {describe(ctx)} is once-differentiable, its gradient "
+                "cannot be differentiated again (create_graph=True: a gradient penalty, a "
+                "Hessian, gradgradcheck). Run the plain PyTorch blocks for this: "
                 "fusedres.revert(model)", outputs)
         return backward
     return decorate
