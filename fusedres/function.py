@@ -359,6 +359,7 @@ class FusedResidualBlock(torch.autograd.Function):
         # Only conv weights are saved: the running statistics change in place every
         # forward, and the BN backward needs nothing of its parameters but their dtype.
         ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+        ctx.bn_tensors = tensors[len(spec.convs):]  # for parity.fused_backward's error
         sl = slots(len(spec.convs))
         ctx.save_for_backward(x, factor, tensors[sl.wd], *(tensors[i] for i in sl.w),
                               *saved.flat())

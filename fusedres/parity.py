@@ -130,12 +130,14 @@ def _batched(grads) -> bool:
         isinstance(g, Tensor) and _is_legacy_batched(g) for g in grads)
 
 
-def _once_differentiable_error(message: str, outputs):
+def _once_differentiable_error(message: str, outputs, anchors):
     """``outputs`` (a backward's gradients, computed without a graph) marked so that
     differentiating them again raises ``message``, as torch's once_differentiable marks
-    them, but also when no grad_output requires grad."""
+    them, but also when no grad_output requires grad. The mark hangs on ``anchors`` (the
+    Function's differentiable inputs) too, so that a gradient taken with respect to any of
+    them reaches it and raises instead of returning None or zeros."""
     outs = outputs if isinstance(outputs, tuple) else (outputs,)
-    err = torch._C._functions.DelayedError(message.encode(), len(outs))
+    err = torch._C._functions.DelayedError(message.encode(), len(outs) + len(anchors))
 
     def fake_requires_grad(v):
         if v is not None:
@@ -143,7 +145,16 @@ def _once_differentiable_error(message: str, outputs):
             v.requires_grad = True
         return v
 
-    return err(*[fake_requires_grad(v) for v in outs])
+    marked = err(*[fake_requires_grad(v) for v in outs], *anchors)
+    marked = marked if isinstance(marked, tuple) else (marked,)
+    return tuple(marked[:len(outs)]) if isinstance(outputs, tuple) else marked[0]
+
+
+def _anchors(ctx) -> list:
+    """The Function's inputs that require grad, as far as the backward can see them: its
+    saved tensors, and the batch norms' tensors the forward kept in ``ctx.bn_tensors``."""
+    seen = [*ctx.saved_tensors, *getattr(ctx, "bn_tensors", ())]
+    return [t for t in seen if isinstance(t, Tensor) and t.requires_grad]
 
 
 def fused_backward(describe, batched_backward):
@@ -165,7 +176,7 @@ def fused_backward(describe, batched_backward):
                 f"@once_differentiable: {describe(ctx)} is once-differentiable, its gradient "
                 "cannot be differentiated again (create_graph=True: a gradient penalty, a "
                 "Hessian, gradgradcheck). Run the plain PyTorch blocks for this: "
-                "fusedres.revert(model)", outputs)
+                "fusedres.revert(model)", outputs, _anchors(ctx))
         return backward
     return decorate
 
