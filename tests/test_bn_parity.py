@@ -422,6 +422,8 @@ def test_jvp_matches_pytorch(entry, training):
         yf, jf = torch.func.jvp(fus, (x,), (t,))
         torch.testing.assert_close(yf, yr)
         torch.testing.assert_close(jf, jr)
+        # a reverse-mode transform: torch.func.jacrev (vmap over vjp)
+        torch.testing.assert_close(torch.func.jacrev(fus)(x), torch.func.jacrev(ref)(x))
     with fwAD.dual_level():  # torch.autograd.forward_ad: training too
         yr = fwAD.unpack_dual(ref(fwAD.make_dual(x, t)))
         yf = fwAD.unpack_dual(fus(fwAD.make_dual(x, t)))
