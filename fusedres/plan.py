@@ -93,8 +93,9 @@ def check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype, ca
     if w.device != x.device:
         raise ValueError(f"{name}.weight must be on {x.device} like x, got {w.device}")
     if w.shape[1] * conv.groups != c_in:
-        raise ShapeError(f"{name}'s input", f"have {w.shape[1] * conv.groups} channels",
-                         f"{c_in}")
+        n = w.shape[1] * conv.groups
+        raise ShapeError(f"{name}'s input", f"have {n} channels", f"{c_in}",
+                         f"{name} expects {n} input channels, got an input with {c_in}")
     if w.dtype != act_dtype and not (cast and w.is_floating_point()):
         raise TypeError(f"{name}.weight must have dtype {act_dtype} like x, got {w.dtype}")
 
