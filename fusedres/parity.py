@@ -165,6 +165,9 @@ def fused_backward(describe, batched_backward):
     def decorate(fn):
         @functools.wraps(fn)
         def backward(ctx, *grads):
+            if _is_compiling():  # torch.compile traces this: the checks below are not traceable
+                with torch.no_grad():
+                    return fn(ctx, *grads)
             if _batched(grads):
                 return batched_backward(ctx, *grads)
             with torch.no_grad():
