@@ -150,11 +150,11 @@ def _(x, weight, bias, skip, stride, padding, dilation, groups):
     return x.new_empty((N, K, ho, wo)).contiguous(memory_format=_output_format(x))
 
 
-def bias_relu_epilogue(z: Tensor, ones: Tensor, bias: Tensor, skip: Optional[Tensor]) -> Tensor:
-    """relu(z*ones + bias [+ skip]) in one pass: fusedres's epilogue with scale 1 and the
-    bias as its shift (the one place this module calls fusedres.ops)."""
+def relu_epilogue(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor]) -> Tensor:
+    """relu(z*scale + shift [+ skip]) per channel in one memory pass, in z's dtype and
+    layout: fusedres's batch-norm epilogue (the one place this module calls fusedres.ops)."""
     from . import ops
-    return ops.run_bn_act_fwd(z, ones, bias, skip, None, None, None, True, False)[0]
+    return ops.run_bn_act_fwd(z, scale, shift, skip, None, None, None, True, False)[0]
 
 
 def _bare_conv(x: Tensor, weight: Tensor, site: "FoldedConv") -> Tensor:
@@ -168,7 +168,7 @@ def _run_path(path: str, site: "FoldedConv", x: Tensor, weight: Tensor, bias: Te
         return cudnn_conv_bias_relu(x, weight, bias.to(x.dtype), skip, site.stride,
                                     site.padding, site.dilation, site.groups)
     if path == "conv_epilogue":
-        return bias_relu_epilogue(_bare_conv(x, weight, site), site.ones, bias, skip)
+        return relu_epilogue(_bare_conv(x, weight, site), site.ones, bias, skip)
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
 
@@ -225,6 +225,7 @@ class FoldedConv(nn.Module):
                                                 device=weight.device), persistent=False)
         self.choices: dict = {}  # (shape, dtype, channels_last) -> path
         self.tuning = False
+        self.train(False)  # born in eval mode: forward refuses training mode
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -234,7 +235,10 @@ class FoldedConv(nn.Module):
     def path_for(self, x: Tensor, weight: Tensor, bias: Tensor, skip: Optional[Tensor]) -> str:
         """The CUDA path for this input: the cached choice, a new one when tuning (and
         allowed to time), else DEFAULT_PATH."""
-        key = (tuple(x.shape), x.dtype, is_channels_last(x))
+        shape = tuple(x.shape)
+        if any(isinstance(d, torch.SymInt) for d in shape):
+            return DEFAULT_PATH  # torch.compile with dynamic shapes: no per-shape choice
+        key = (shape, x.dtype, is_channels_last(x))
         path = self.choices.get(key)
         if path is None:
             path = DEFAULT_PATH
@@ -272,13 +276,12 @@ class FoldedNormReLU(nn.Module):
         dtype = norm.running_var.dtype
         self.register_buffer("scale", s.to(dtype))
         self.register_buffer("shift", t.to(dtype))
+        self.train(False)
 
     def forward(self, x: Tensor) -> Tensor:
         _refuse(self, (x,))
         if x.device.type == "cuda":
-            from . import ops
-            return ops.run_bn_act_fwd(x, self.scale, self.shift, None, None, None, None,
-                                      True, False)[0]
+            return relu_epilogue(x, self.scale, self.shift, None)
         acc = torch.promote_types(x.dtype, self.scale.dtype)
         y = x.to(acc) * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1)
         return torch.relu(y).to(x.dtype)
@@ -305,6 +308,7 @@ class FoldedBlock(nn.Module):
         self.pool = pool
         self.preact = preact
         self.pre_norm = pre_norm
+        self.train(False)
 
     def forward(self, x: Tensor) -> Tensor:
         _refuse(self, (x,))
@@ -326,6 +330,7 @@ class FoldedModel(nn.Module):
         self.module = module
         self.folded = folded        # names of the folded blocks and stems
         self.unfolded = unfolded    # (name, why) of the blocks left as they were
+        self.train(False)
 
     def train(self, mode: bool = True):
         if mode:
@@ -504,7 +509,7 @@ def fold_for_inference(model: nn.Module, example_input: Optional[Tensor] = None)
         warnings.warn(f"fusedres.fold_for_inference left {len(unfolded)} block(s) unfolded:\n  "
                       + "\n  ".join(f"{n}: {why}" for n, why in unfolded), stacklevel=2)
     copied.requires_grad_(False)
-    result = FoldedModel(copied, folded, unfolded).eval()
+    result = FoldedModel(copied, folded, unfolded)
     if example_input is not None:
         result.tune(example_input)
     return result

@@ -12,6 +12,7 @@ test at the end checks that both CUDA paths the dispatcher picks from agree.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -29,7 +30,7 @@ from fusedres.check import norm_err
 from fusedres.convert import _layout_of
 from fusedres.inference import FoldedBlock, FoldedConv, FoldedNormReLU
 
-from checks import HAS_CUDA, assert_low_precision
+from checks import HAS_CUDA, INTERPRET, assert_low_precision, triton_ran
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -382,6 +383,23 @@ def test_path_choice_is_cached_and_never_timed_while_tracing(monkeypatch):
     assert site.path_for(x[:1], *args[1:]) == "cudnn_fused" and len(calls) == 2  # new shape
     site.tuning = False
     assert site.path_for(x.double(), site.weight, site.bias, None) == inference.DEFAULT_PATH
+
+
+@pytest.mark.parametrize("with_skip", [False, True], ids=["relu", "add_relu"])
+def test_epilogue_path_matches_plain_torch_on_cpu(with_skip):
+    """Path (b)'s arithmetic (bare conv, then the epilogue with scale 1 and the bias as
+    shift) on CPU tensors: the Triton kernel itself under TRITON_INTERPRET=1, else the
+    reference backend. Path (a) is cuDNN's and runs only on a GPU."""
+    site = _site().eval()
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, 8, 5, 5) if with_skip else None
+    norm = FoldedNormReLU(randomize(nn.BatchNorm2d(8)))
+    with triton_ran("_bn_act_fwd_kernel") if INTERPRET else contextlib.nullcontext():
+        out = inference._run_path("conv_epilogue", site, x, site.weight, site.bias, skip)
+        normed = inference.relu_epilogue(x, norm.scale, norm.shift, None)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, site(x, skip))
+    torch.testing.assert_close(normed, norm(x))
 
 
 def test_tune_on_cpu_chooses_nothing(models):
