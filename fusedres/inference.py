@@ -14,7 +14,9 @@ conv; its leading norm, which precedes the first conv, stays a per-channel scale
 with a ReLU (nothing precedes it to fold it into). The stem's conv + norm folds too.
 
 On a CUDA GPU each conv + bias (+ add) + ReLU runs as the faster of two paths, chosen once
-per input shape and dtype by ``FoldedModel.tune`` (timing both), else ``DEFAULT_PATH``:
+per input shape, dtype and layout by ``FoldedModel.tune`` (timing both), else
+``DEFAULT_PATH`` (torch.compile reads the choice per dtype and layout, see
+FoldedConv.remember):
 
 * ``cudnn_fused``: cuDNN's fused ``cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``;
 * ``conv_epilogue``: the cuDNN convolution, then fusedres's epilogue kernel
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import is_channels_last
+from .layout import is_channels_last, stats_dtype
 
 __all__ = ["DEFAULT_PATH", "PATHS", "FoldedBlock", "FoldedConv", "FoldedModel", "FoldedNormReLU",
            "fold_for_inference"]
@@ -114,7 +116,7 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> tuple[Tensor, 
                          f"{w.shape[0]} output channels")
     bias = t if conv.bias is None else t + conv.bias.detach().double() * s
     weight = torch.empty_like(w)  # keeps the weight's strides (channels_last or not)
-    weight.copy_(w.double() * s.view(-1, 1, 1, 1))
+    weight.copy_(w * s.view(-1, 1, 1, 1))  # the product in float64 (s is), rounded once
     return weight, bias.to(w.dtype)
 
 
@@ -154,7 +156,9 @@ def relu_epilogue(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor
     """relu(z*scale + shift [+ skip]) per channel in one memory pass, in z's dtype and
     layout: fusedres's batch-norm epilogue (the one place this module calls fusedres.ops)."""
     from . import ops
-    return ops.run_bn_act_fwd(z, scale, shift, skip, None, None, None, True, False)[0]
+    sdt = stats_dtype(z)  # what every backend takes for scale and shift
+    return ops.run_bn_act_fwd(z, scale.to(sdt), shift.to(sdt), skip, None, None, None, True,
+                              False)[0]
 
 
 def _bare_conv(x: Tensor, weight: Tensor, site: "FoldedConv") -> Tensor:
@@ -180,8 +184,9 @@ def _can_time() -> bool:
 
 
 def _time_paths(site: "FoldedConv", x, weight, bias, skip, iters: int = 10) -> dict:
-    """Median-free mean ms of each path that runs on these inputs (a failing one is left
-    out: cuDNN has no fused engine for every dtype and layout)."""
+    """Mean ms per call of each path over ``iters`` calls after a warm-up, for the paths
+    that run on these inputs (one that raises is left out: cuDNN has no fused engine for
+    every dtype and layout). Synchronises once per path."""
     times = {}
     for path in PATHS:
         try:
@@ -224,6 +229,7 @@ class FoldedConv(nn.Module):
         self.register_buffer("ones", torch.ones(weight.shape[0], dtype=weight.dtype,
                                                 device=weight.device), persistent=False)
         self.choices: dict = {}  # (shape, dtype, channels_last) -> path
+        self.traced_choices: dict = {}  # (dtype, channels_last) -> path, see remember()
         self.tuning = False
         self.train(False)  # born in eval mode: forward refuses training mode
 
@@ -232,33 +238,42 @@ class FoldedConv(nn.Module):
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, "
                 f"groups={self.groups}, bias={self.bias is not None}, relu={self.relu}")
 
+    def remember(self, key: tuple, path: str) -> None:
+        """Cache ``path`` for key (shape, dtype, channels_last), and what torch.compile
+        reads: per (dtype, channels_last), the one path chosen for every tuned shape, or
+        DEFAULT_PATH where shapes disagree."""
+        self.choices[key] = path
+        same = {p for (_, dt, cl), p in self.choices.items() if (dt, cl) == key[1:]}
+        self.traced_choices[key[1:]] = same.pop() if len(same) == 1 else DEFAULT_PATH
+
     def path_for(self, x: Tensor, weight: Tensor, bias: Tensor, skip: Optional[Tensor]) -> str:
         """The CUDA path for this input: the cached choice, a new one when tuning (and
         allowed to time), else DEFAULT_PATH."""
-        shape = tuple(x.shape)
-        if any(isinstance(d, torch.SymInt) for d in shape):
-            return DEFAULT_PATH  # torch.compile with dynamic shapes: no per-shape choice
-        key = (shape, x.dtype, is_channels_last(x))
+        if torch.compiler.is_compiling():
+            # No lookup by shape: under dynamic shapes that would specialise them.
+            return self.traced_choices.get((x.dtype, is_channels_last(x)), DEFAULT_PATH)
+        key = (tuple(x.shape), x.dtype, is_channels_last(x))
         path = self.choices.get(key)
         if path is None:
             path = DEFAULT_PATH
             if self.tuning and _can_time():
                 times = _time_paths(self, x, weight, bias, skip)
                 path = min(times, key=times.get) if times else DEFAULT_PATH
-                self.choices[key] = path
+                self.remember(key, path)
         return path
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
         _refuse(self, (x,))
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            # The custom op is opaque to autocast: cast here, as autocast casts a conv.
+            # The custom op is opaque to autocast: cast here, as autocast casts a conv. The
+            # bias is cast where it is used (the epilogue reads it in fp32).
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
             skip = None if skip is None else skip.to(dt)
         if x.device.type == "cuda" and self.relu and bias is not None:
             return _run_path(self.path_for(x, weight, bias, skip), self, x, weight, bias, skip)
+        bias = None if bias is None else bias.to(weight.dtype)
         y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if skip is not None:
             y = y + skip

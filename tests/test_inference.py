@@ -385,6 +385,28 @@ def test_path_choice_is_cached_and_never_timed_while_tracing(monkeypatch):
     assert site.path_for(x.double(), site.weight, site.bias, None) == inference.DEFAULT_PATH
 
 
+def test_path_choice_traces_whole_under_compile(monkeypatch):
+    """torch.compile takes the path tuned for the input's dtype and layout (the default
+    where tuned shapes disagree), static or dynamic shapes, and never times."""
+    site = _site()
+    x = torch.randn(2, 8, 5, 5)
+    site.remember((tuple(x.shape), x.dtype, False), "cudnn_fused")
+    site.tuning = True
+    monkeypatch.setattr(inference, "_time_paths", lambda *a, **k: pytest.fail("timed"))
+
+    def pick(x):
+        path = site.path_for(x, site.weight, site.bias, None)
+        return x + 1 if path == "cudnn_fused" else x - 1
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        out = torch.compile(pick, backend="aot_eager", fullgraph=True, dynamic=dynamic)(x)
+        assert torch.equal(out, x + 1), f"dynamic={dynamic}"
+    site.remember(((1, 8, 5, 5), x.dtype, False), "conv_epilogue")  # shapes disagree
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(pick, backend="aot_eager", fullgraph=True)(x), x - 1)
+    assert len(site.choices) == 2
+
+
 @pytest.mark.parametrize("with_skip", [False, True], ids=["relu", "add_relu"])
 def test_epilogue_path_matches_plain_torch_on_cpu(with_skip):
     """Path (b)'s arithmetic (bare conv, then the epilogue with scale 1 and the bias as
