@@ -442,7 +442,8 @@ def _fold_pair(owner: nn.Module, conv_name: str, norm_owner: nn.Module, norm_nam
     relu = relu_owner._modules.get(relu_name) if relu_name else None
     kind = norm_kind(norm) if norm is not None else None
     if not (conv is not None and _plain_conv(conv) and kind is not None
-            and norm.num_features == conv.out_channels and not _has_hooks(conv, norm, relu)):
+            and norm.running_mean.shape[0] == conv.out_channels
+            and not _has_hooks(conv, norm, relu)):
         return False
     with_relu = kind == "relu" or type(relu) is nn.ReLU
     setattr(owner, conv_name, FoldedConv(conv, *fold_conv_norm(conv, norm), relu=with_relu))

@@ -1,8 +1,8 @@
 """fusedres.fold_for_inference: folded eval outputs against the unfolded eval model.
 
-Whole torchvision and timm ResNets on 2x3x32x32 inputs (eval mode normalises with the
-running statistics, so small inputs are as well conditioned as large ones), each model
-built once per module. Their batch norms get random affine parameters and statistics,
+Whole torchvision and timm ResNets on 1x3x32x32 inputs (16x16 in fp64; eval mode
+normalises with the running statistics, so a small input is no harder than a large one),
+each model built and folded once per module. Their batch norms get random affine parameters and statistics,
 and every tenth one also three extreme channels (running_var 1e-6, running_var 1e3,
 running_mean 1e3): in more of them the activations grow by ~300x a norm and fp32 PyTorch
 itself drifts by ~1e-5 from fp64; the block tests put extremes in every norm.
@@ -114,13 +114,16 @@ def test_folded_matches_unfolded(models, folded_models, name, dtype):
         model = copy.deepcopy(model).double()  # fold from fp64 weights: no fp32 rounding
         folded = fold(model)
     else:
-        folded = copy.deepcopy(folded_models(name))  # .to(channels_last) changes it
-    x = image(n=1, dtype=dtype)
+        folded = folded_models(name)
+    # fp64 convs on the CPU are slow (grouped ones most): 16x16, stage 4 at 1x1, is enough
+    # for rounding this far below fp32's; fp32 needs 32x32 to stay as well conditioned.
+    x = image(n=1, size=16 if dtype == torch.float64 else 32, dtype=dtype)
     with torch.no_grad():
         ref = model(x)
         out = folded(x)
-        folded_cl = folded.to(memory_format=torch.channels_last)
-        out_cl = folded_cl(x.contiguous(memory_format=torch.channels_last))
+        out_cl = folded.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))
+        folded.to(memory_format=torch.contiguous_format)  # the cached model, as it was
     assert out.dtype == dtype and torch.isfinite(ref).all()
     assert err(out, ref) <= TOL[dtype], f"NCHW: {err(out, ref):.3g}"
     assert err(out_cl, ref) <= TOL[dtype], f"channels_last: {err(out_cl, ref):.3g}"
@@ -222,6 +225,25 @@ def test_unfoldable_blocks_stay_and_are_named():
     x = torch.randn(2, 16, 6, 6)
     with torch.no_grad():
         assert err(folded(x), model.eval()(x)) <= TOL[torch.float32]
+
+
+def test_frozen_batch_norms_fold():
+    """torchvision's FrozenBatchNorm2d (detection backbones) in the blocks and the stem."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    torch.manual_seed(0)
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                             norm_layer=FrozenBatchNorm2d)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (t is m.weight))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    folded = fold(model)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    x = image()
+    with torch.no_grad():
+        assert err(folded(x), model(x)) <= TOL[torch.float32]
 
 
 def test_sequential_and_stem_folding_is_conservative():
@@ -467,17 +489,49 @@ def test_cuda_paths_agree(dtype, layout):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_cuda_resnet50_tuned_and_default_agree():
-    model = randomize(torchvision.models.resnet50()).eval().cuda()
+def test_cuda_graph_capture_never_tunes():
+    """With tuning on, a site met first inside CUDA-graph capture takes the default path
+    (timing would synchronise, which capture forbids) and caches nothing."""
+    site = _site().cuda()
+    y = torch.randn(3, 8, 6, 6, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        site(y)  # warm-up (Triton compile, cuDNN plan) without tuning: nothing cached
+    torch.cuda.current_stream().wait_stream(side)
+    assert site.choices == {}
+    site.tuning = True
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = site(y)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert site.choices == {}
+    site.tuning = False
+    with torch.no_grad():
+        torch.testing.assert_close(out, site(y))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_cuda_model_tuned_default_and_compiled_agree(name):
+    """bf16 autocast, channels_last: the folded model with the default paths, tuned, and
+    tuned under torch.compile (inductor), each within twice PyTorch's own error."""
+    torch.manual_seed(0)
+    model = randomize(torchvision.models.get_model(name, weights=None)).eval().cuda()
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     folded = fold(model).to(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        default = folded(x)
-        folded.tune(x)
-        tuned = folded(x)
-        own = model(x)
-        compiled = torch.compile(folded, fullgraph=True)(x)
-    exact = copy.deepcopy(model).double()(x.double())
-    assert any(m.choices for m in folded.modules() if isinstance(m, FoldedConv))
-    for name, out in (("default", default), ("tuned", tuned), ("compiled", compiled)):
-        assert_low_precision(out, own, exact, torch.bfloat16, name=name)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            default = folded(x)
+            folded.tune(x)
+            tuned = folded(x)
+            own = model(x)
+            compiled = torch.compile(folded, fullgraph=True)(x)
+    picked = {p for m in folded.modules() if isinstance(m, FoldedConv) for p in m.choices.values()}
+    assert picked and picked <= set(inference.PATHS), picked
+    for what, out in (("default", default), ("tuned", tuned), ("compiled", compiled)):
+        assert out.dtype == torch.bfloat16
+        assert_low_precision(out, own, exact, torch.bfloat16, name=f"{name} {what} ({picked})")
