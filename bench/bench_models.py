@@ -154,7 +154,8 @@ def test_model(benchmark, name, mode, config, provider):
     with contextlib.ExitStack() as stack:
         if provider == "compile_freezing":
             # Inductor folds conv + BN only with freezing on; it compiles at the first call.
-            stack.enter_context(torch._inductor.config.patch(freezing=True))
+            import torch._inductor.config as inductor_config
+            stack.enter_context(inductor_config.patch(freezing=True))
             via = "torch.compile, inductor freezing=True"
         _run_model(benchmark, name, mode, dtype, layout, batch, provider, module, ref, x, y,
                    amp, via)
