@@ -92,29 +92,36 @@ def norm_kind(norm: nn.Module) -> Optional[str]:
     return None
 
 
-def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """(s, t) in float64 with ``norm(z) == z*s + t`` per channel in eval mode."""
+def _affine64(norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """(s, mean, beta) in float64, s = gamma / sqrt(running_var + eps)."""
     var = norm.running_var.detach().double()
     s = torch.rsqrt(var + float(norm.eps))
     if norm.weight is not None:
         s = s * norm.weight.detach().double()
-    t = -norm.running_mean.detach().double() * s
-    if norm.bias is not None:
-        t = t + norm.bias.detach().double()
-    return s, t
+    mean = norm.running_mean.detach().double()
+    beta = norm.bias.detach().double() if norm.bias is not None else torch.zeros_like(mean)
+    return s, mean, beta
+
+
+def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """(s, t) in float64 with ``norm(z) == z*s + t`` per channel in eval mode."""
+    s, mean, beta = _affine64(norm)
+    return s, beta - mean * s
 
 
 def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> tuple[Tensor, Optional[Tensor]]:
     """(W', b') of ``norm(conv(x))`` as one conv, new tensors in the conv weight's dtype and
-    memory format: W' = W*s, b' = t + b0*s. ``norm`` None: copies of the conv's own."""
+    memory format: W' = W*s, b' = beta + (b0 - mean)*s. ``norm`` None: copies of the
+    conv's own."""
     w = conv.weight.detach()
     if norm is None:
         return w.clone(), None if conv.bias is None else conv.bias.detach().clone()
-    s, t = norm_scale_shift(norm)
+    s, mean, beta = _affine64(norm)
     if s.shape[0] != w.shape[0]:
         raise ValueError(f"norm has {s.shape[0]} channels, expected the conv's "
                          f"{w.shape[0]} output channels")
-    bias = t if conv.bias is None else t + conv.bias.detach().double() * s
+    b0 = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    bias = beta + (b0 - mean) * s
     weight = torch.empty_like(w)  # keeps the weight's strides (channels_last or not)
     weight.copy_(w * s.view(-1, 1, 1, 1))  # the product in float64 (s is), rounded once
     return weight, bias.to(w.dtype)

@@ -446,8 +446,9 @@ def test_epilogue_path_matches_plain_torch_on_cpu(with_skip):
     torch.testing.assert_close(normed, norm(x))
 
 
-def test_tune_on_cpu_chooses_nothing(models):
-    folded = fold(models("resnet18"), example_input=image(n=1))  # not the cached one
+def test_tune_on_cpu_chooses_nothing(folded_models):
+    folded = folded_models("resnet18")
+    assert folded.tune(image(n=1)) is folded
     sites = [m for m in folded.modules() if isinstance(m, FoldedConv)]
     assert sites and all(m.choices == {} and not m.tuning for m in sites)
 
