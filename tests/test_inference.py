@@ -477,6 +477,10 @@ def test_cuda_paths_agree(dtype, layout):
         own = torch.relu(own + skip if with_skip else own)
         picked = inference._time_paths(site, x, site.weight, site.bias, skip, iters=1)
         assert inference.DEFAULT_PATH in picked, "the default path must run everywhere"
+        if "cudnn_fused" in picked:  # its fake kernel against the real op (torch.compile)
+            torch.library.opcheck(inference.cudnn_conv_bias_relu,
+                                  (x, site.weight, site.bias.to(dtype), skip, site.stride,
+                                   site.padding, site.dilation, groups))
         for path in picked:
             out = inference._run_path(path, site, x, site.weight, site.bias, skip)
             assert out.dtype == dtype and out.shape == own.shape
