@@ -272,9 +272,10 @@ class FoldedConv(nn.Module):
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
         _refuse(self, (x,))
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            # The custom op is opaque to autocast: cast here, as autocast casts a conv. The
-            # bias is cast where it is used (the epilogue reads it in fp32).
+        if (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
+                and x.dtype != torch.float64):
+            # The custom op is opaque to autocast: cast here, as autocast casts a conv (not
+            # fp64). The bias is cast where it is used (the epilogue reads it in fp32).
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)
             skip = None if skip is None else skip.to(dt)

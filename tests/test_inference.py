@@ -361,6 +361,16 @@ def test_low_precision_model_within_twice_torch_error(kind, dtype):
     assert_low_precision(out, own, exact, dtype, name=f"{kind} {dtype}")
 
 
+def test_fp64_stays_fp64_under_autocast():
+    """Autocast casts fp32 convs, never fp64 ones; the folded convs cast the same way."""
+    torch.manual_seed(0)
+    block = randomize(R.Bottleneck(16, 4, 1, None)).eval().double()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = block(x), fold(block)(x)
+    assert out.dtype == torch.float64 and err(out, ref) <= TOL[torch.float64]
+
+
 def test_autocast_bf16_cpu_within_twice_torch_error(models):
     model = models("resnet18")
     folded = fold(model).to(memory_format=torch.channels_last)  # not the cached one
