@@ -2,7 +2,8 @@
 around cuDNN convolutions, checked against a plain-PyTorch reference."""
 from . import ops, reference
 from .backend import backend_for, use_backend
-from .convert import convert, fused_blocks, revert
+from .api import benchmark, check_model
+from .convert import convert, fused_blocks, revert, summary, why_not_fused
 from .function import (BlockSpec, BNSpec, ConvSpec, FusedBatchNorm, FusedResidualBlock,
                        fused_batch_norm, fused_residual_block)
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck,
@@ -14,5 +15,5 @@ __all__ = [
     "BNSpec", "BlockSpec", "ConvSpec", "FusedBasicBlock", "FusedBatchNorm", "FusedBottleneck",
     "FusedPreActBlock", "FusedPreActBottleneck", "FusedResidualBlock", "FusedSyncBatchNorm",
     "backend_for", "convert", "fused_batch_norm", "fused_blocks", "fused_residual_block", "ops",
-    "reference", "revert", "use_backend",
+    "reference", "revert", "use_backend", "benchmark", "check_model", "summary", "why_not_fused",
 ]
