@@ -256,6 +256,13 @@ class TruncatingBF16(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def truncating_run(fused: nn.Module, x: Tensor, seed: int = 0) -> Run:
+    """The bf16 autocast Run of ``fused`` on the reference backend with truncating fp32 ->
+    bf16 casts: the computation Triton's interpreter makes, in PyTorch."""
+    with use_backend("reference"), TruncatingBF16(exempt=[x]):
+        return Run(fused, x, torch.bfloat16, seed)
+
+
 # --------------------------------------------------------------------------------------
 # check_model
 # --------------------------------------------------------------------------------------
@@ -404,7 +411,7 @@ class CheckResult:
             t = "-" if r.pytorch is None else f"{r.pytorch:.2e}"
             tr = (f"{r.truncating:>12.2e}" if r.truncating is not None else f"{'-':>12}") if trunc else ""
             lines.append(f"  {r.what:<24}{r.fused:>10.2e}{t:>10}{tr}{r.limit:>10.2e}  "
-                         f"{r.status:<7} {r.worst}")
+                         f"{r.status:<7} {r.worst}".rstrip())
         return lines
 
     def __str__(self) -> str:
@@ -499,8 +506,7 @@ def check_model(model: nn.Module, example_input: Tensor, *, dtype="float32",
         trunc_run = None
         if truncate:
             steps.step("bf16 truncating reference")
-            with use_backend("reference"), TruncatingBF16(exempt=[x]):
-                trunc_run = Run(fused_trunc, x, amp, seed)
+            trunc_run = truncating_run(fused_trunc, x, seed)
         result.rows = compare_dtype(fused_run, torch_run, ref, FLOOR[dt], trunc_run)
     finally:
         steps.close()
@@ -773,6 +779,9 @@ def benchmark(model: nn.Module, example_input: Tensor, *, bench: str = "both",
     plan = [(mode, p, build) for mode in modes for p, build in
             _providers(original, mode, torchcompile, folded, result.notes).items()]
     steps = Progress(progress, len(plan), f"fusedres bench {result.model}")
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as timm's benchmark.py; put back afterwards
+    result.env["cudnn_benchmark"] = True
     try:
         for mode, provider, build in plan:
             steps.step(f"{provider} {mode}")
@@ -784,5 +793,6 @@ def benchmark(model: nn.Module, example_input: Tensor, *, bench: str = "both",
             result.rows.append(BenchRow(provider, mode, ms, x.shape[0] / (ms / 1e3), peak,
                                         eager.ms_per_step / ms if eager else None))
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         steps.close()
     return result

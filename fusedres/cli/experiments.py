@@ -86,6 +86,8 @@ def _config(args) -> dict:
         if getattr(args, name) < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} must be at least 1, "
                                     f"got {getattr(args, name)}")
+    if args.image_size < 8:
+        raise common.UsageError(f"--image-size must be at least 8, got {args.image_size}")
     return dict(depths=list(args.depths), epochs=args.epochs, train_size=args.train_size,
                 test_size=args.test_size, image_size=args.image_size, batch=args.batch,
                 lr=args.lr, seed=args.seed, preact=args.preact)
