@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -788,6 +789,7 @@ def benchmark(model: nn.Module, example_input: Tensor, *, bench: str = "both",
             m = build()
             ms, peak = _time_cuda(_steps(m, x, mode, autocast), warmup, iters)
             del m
+            gc.collect()  # compiled models hold reference cycles: free one before the next
             torch.cuda.empty_cache()
             eager = result.row("eager", mode)
             result.rows.append(BenchRow(provider, mode, ms, x.shape[0] / (ms / 1e3), peak,
