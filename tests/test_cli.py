@@ -221,7 +221,7 @@ def test_check_model_result():
     result = fusedres.check_model(model, tiny_input(), name="make_net")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not fusedres.fused_blocks(model)  # the model passed in is left as it is
-    assert result.status == "PASS" and result.passed
+    assert result.status == "PASS" and result.passed and result.tol64 == api.TOL64
     assert result.summary.num_fused == 2 and result.input_shape == (2, 3, 16, 16)
     assert [r.what for r in result.rows64][:2] == ["train output", "param grads (worst)"]
     assert all(isinstance(r, api.CheckRow) and r.status == "ok" for r in result.rows64)
@@ -230,6 +230,16 @@ def test_check_model_result():
     assert text.startswith("fusedres check: make_net, batch 2, 3x16x16, float32")
     assert "blocks fused: 2 of 2" in text and text.endswith("PASS")
     assert f"{result.rows[0].fused:.2e}" in text
+
+
+def test_float64_limit_with_few_values_per_channel():
+    # 2x2 images, batch 2: the second stage's batch norms see 2 values per channel
+    result = fusedres.check_model(make_net(width=4), tiny_input(2, 2))
+    assert result.tol64 == api.TOL64_FEW and all(r.limit == api.TOL64_FEW
+                                                 for r in result.rows64[:4])
+    assert "normalises only 2 values per channel" in str(result) and result.passed, str(result)
+    with pytest.raises(api.UsageError, match="1 value per channel"):
+        fusedres.check_model(make_net(width=4), tiny_input(1, 2))
 
 
 def test_check_model_nothing_fused():
