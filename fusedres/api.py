@@ -285,7 +285,8 @@ def backend_line(device: torch.device) -> str:
     name = _backend(device)
     if name == "triton":
         how = ("Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)"
-               if device.type != "cuda" and _interpreting() else "Triton kernels compiled for the GPU")
+               if device.type != "cuda" and _interpreting()
+               else "Triton kernels compiled for the GPU")
     elif name == "reference":
         how = ("the plain-PyTorch reference, not the Triton kernels (set TRITON_INTERPRET=1 "
                "to run them on the CPU)")
@@ -410,7 +411,8 @@ class CheckResult:
         lines = [head]
         for r in rows:
             t = "-" if r.pytorch is None else f"{r.pytorch:.2e}"
-            tr = (f"{r.truncating:>12.2e}" if r.truncating is not None else f"{'-':>12}") if trunc else ""
+            tr = "" if not trunc else (
+                f"{r.truncating:>12.2e}" if r.truncating is not None else f"{'-':>12}")
             lines.append(f"  {r.what:<24}{r.fused:>10.2e}{t:>10}{tr}{r.limit:>10.2e}  "
                          f"{r.status:<7} {r.worst}".rstrip())
         return lines
@@ -719,7 +721,8 @@ def _smoke(original: nn.Module, x: Tensor, modes: Sequence[str],
     for mode in modes:
         t0 = time.perf_counter()
         _steps(fused, x, mode, autocast)()
-        what = "one eval forward" if mode == "inference" else "one train step (forward, backward, SGD)"
+        what = ("one eval forward" if mode == "inference"
+                else "one train step (forward, backward, SGD)")
         lines.append(f"{what} of the fused model on {tuple(x.shape)} on the CPU "
                      f"({backend_for(x.device)} backend): ran, {time.perf_counter() - t0:.1f} s")
     return lines

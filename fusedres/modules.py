@@ -103,10 +103,10 @@ def _refuse_tracing(x, block) -> None:
     torch.onnx.export's TorchScript exporter; torch.compile (dynamo) traces the block fine."""
     if torch.compiler.is_compiling():
         return
-    if isinstance(x, torch.fx.Proxy):
-        raise RuntimeError(_NOT_EXPORTABLE.format(what="torch.fx tracing", block=type(block).__name__))
-    if torch.onnx.is_in_onnx_export():
-        raise RuntimeError(_NOT_EXPORTABLE.format(what="torch.onnx.export", block=type(block).__name__))
+    what = ("torch.fx tracing" if isinstance(x, torch.fx.Proxy)
+            else "torch.onnx.export" if torch.onnx.is_in_onnx_export() else None)
+    if what is not None:
+        raise RuntimeError(_NOT_EXPORTABLE.format(what=what, block=type(block).__name__))
 
 
 class _FusedMixin:

@@ -71,8 +71,10 @@ def test_version_unknown_command_and_bad_options(capsys):
     assert code == 2 and out == "" and "invalid choice: 'frobnicate'" in err
     code, _, err = run_cli(capsys)
     assert code == 2 and "COMMAND" in err
-    for argv, named in ((["check", "--size", "-3"], "--size"), (["check", "--batch", "0"], "--batch"),
-                        (["bench", "-b", "0"], "--batch-size"), (["check", "--nonsense"], "--nonsense"),
+    for argv, named in ((["check", "--size", "-3"], "--size"),
+                        (["check", "--batch", "0"], "--batch"),
+                        (["bench", "-b", "0"], "--batch-size"),
+                        (["check", "--nonsense"], "--nonsense"),
                         (["check", "--input-size", "3,224"], "--input-size"),
                         (["degradation", "--depths", "9"], "--depths")):
         code, out, err = run_cli(capsys, *argv)

@@ -73,7 +73,8 @@ def run(args) -> int:
     print(result, flush=True)
     if dev.type == "cuda" and not args.no_bench and result.summary.num_fused:
         warmup = 3 if args.no_compile else 5
-        print(fusedres.benchmark(model, x, precision="float32" if args.dtype == "float32" else "amp",
+        amp = args.dtype != "float32"
+        print(fusedres.benchmark(model, x, precision="amp" if amp else "float32",
                                  amp_dtype=getattr(torch, args.dtype),
                                  channels_last=args.channels_last,
                                  torchcompile=None if args.no_compile else "inductor",

@@ -64,8 +64,9 @@ def _factory(spec: str, kwargs: dict):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        path = os.environ.get("PYTHONPATH", "not set")
         raise UsageError(f"--model {spec}: cannot import {module_name} ({e}); is its folder "
-                         f"on PYTHONPATH? (now: {os.environ.get('PYTHONPATH', 'not set')})") from None
+                         f"on PYTHONPATH? (now: {path})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--model {spec}: {module_name} has no function {attr!r}")
