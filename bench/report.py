@@ -18,8 +18,10 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-SPEED_PROVIDERS = ("eager", "compile", "fused", "fused_recompute", "csrc_ref", "folded",
-                   "compile_freezing")
+SPEED_PROVIDERS = ("eager", "compile", "fused", "fused_recompute", "csrc_ref")
+# Inference-only or `python -m fusedres bench`-only providers: a column (and a ratio) when
+# present.
+EXTRA_PROVIDERS = ("fused_compile", "folded", "compile_freezing")
 # The folded-inference table: folded, then what it is compared with.
 FOLDED_COLUMNS = ("folded", "eager", "compile", "compile_freezing", "fused")
 KERNEL_PROVIDERS = ("triton", "csrc_ref", "reference")
@@ -117,20 +119,25 @@ def speed_tables(entries) -> str:
     if not cases:
         return ""
     speed, memory, folded = [], [], []
+    extra = [p for p in EXTRA_PROVIDERS if any(p in by for by in cases.values())]
+    providers = SPEED_PROVIDERS + tuple(extra)
     for (kind, case, mode, dtype, layout, batch), by in cases.items():
         t = {p: by[p].get("median_ms") for p in by}
-        ips = [_fmt(by[p].get("images_per_s"), 1) if p in by else "–" for p in SPEED_PROVIDERS]
+        ips = [_fmt(by[p].get("images_per_s"), 1) if p in by else "–" for p in providers]
         speed.append([kind, case, mode, dtype, layout, batch, *ips,
                       _ratio(t.get("eager"), t.get("fused")),
                       _ratio(t.get("compile"), t.get("fused")),
                       _ratio(t.get("eager"), t.get("fused_recompute")),
-                      _ratio(t.get("eager"), t.get("csrc_ref"))])
+                      _ratio(t.get("eager"), t.get("csrc_ref")),
+                      # fused + compile against compile; the others against eager
+                      *[_ratio(t.get("compile" if p == "fused_compile" else "eager"), t.get(p))
+                        for p in extra]])
         if "folded" in t:
             folded.append([kind, case, mode, dtype, layout, batch,
                            *[_fmt(by[p].get("images_per_s"), 1) if p in by else "–"
                              for p in FOLDED_COLUMNS],
                            *[_ratio(t.get(p), t["folded"]) for p in FOLDED_COLUMNS[1:]]])
-        mem = [_fmt(by[p].get("peak_mem_mb"), 0) if p in by else "–" for p in SPEED_PROVIDERS]
+        mem = [_fmt(by[p].get("peak_mem_mb"), 0) if p in by else "–" for p in providers]
         f = by.get("fused", {})
         bad = [p for p in by if by[p].get("check_ok") is False]
         check = ("MISMATCH: " + ", ".join(bad)) if bad else "ok"
@@ -144,9 +151,12 @@ def speed_tables(entries) -> str:
                        _fmt(100 * f["floor_frac"], 0, "%") if f.get("floor_frac") else "–",
                        f"{check} (max {max(errs):.1e})" if errs else check])
     head = ["kind", "case", "mode", "dtype", "layout", "N"]
-    a = _table(head + [f"{p} img/s" for p in SPEED_PROVIDERS]
-               + ["fused/eager", "fused/compile", "recompute/eager", "csrc_ref/eager"], speed)
-    b = _table(head + [f"peak MB {p}" for p in SPEED_PROVIDERS]
+    extra_ratios = {"fused_compile": "fused_compile/compile", "folded": "folded/eager",
+                    "compile_freezing": "compile_freezing/eager"}
+    a = _table(head + [f"{p} img/s" for p in providers]
+               + ["fused/eager", "fused/compile", "recompute/eager", "csrc_ref/eager"]
+               + [extra_ratios[p] for p in extra], speed)
+    b = _table(head + [f"peak MB {p}" for p in providers]
                + ["fused kernels ms", "fused MB moved", "fused GB/s", "floor/fused time",
                   "check vs eager (max rel err)"], memory)
     c = ("## Inference with folded batch norms\n\nfolded/X = X time / folded time "
