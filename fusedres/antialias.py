@@ -11,7 +11,11 @@ The backward saves the post-``aa`` activation, the next conv's input, instead of
 pre-``aa`` one: the conv's weight gradient needs the former, the ReLU's backward is
 recomputed from the BN input anyway, and the ``aa`` step's own backward needs only the
 shape of its input (which the saved conv output before it has). So the saved activation
-is a quarter of what a block without ``aa`` saves there (stride 2), not more.
+is a quarter of what a block without ``aa`` saves there (stride 2), not more. Measured
+with torch.autograd.graph.saved_tensors_hooks (bytes, so the same on any device; CPU,
+fp32) on resnetblur50's layer2[0] with an 8x256x56x56 input: timm's block saves 102.0 MiB,
+the fused one 64.7 MiB (49.4 MiB with recompute); saving the pre-``aa`` activation too
+would add 12.25 MiB (8x128x56x56 fp32).
 """
 from __future__ import annotations
 

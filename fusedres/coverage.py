@@ -127,12 +127,16 @@ def _groups(reasons: list) -> str:
 
 
 def readme_table(table: dict) -> str:
-    """The Markdown coverage table: one row per status and reason group, with its models."""
+    """The Markdown coverage table, after a line of totals: one row per status and reason
+    group, with its models."""
     rows: dict = {}
     for name, e in sorted(table.items()):
         rows.setdefault((e["status"], _groups(e["reasons"])), []).append(name)
     order = {"full": 0, "partial": 1, "none": 2}
-    lines = ["| fused | models | what stops the rest | names |", "|---|---|---|---|"]
+    counts = summary(table)
+    lines = [f"{counts['total']} models: {counts['full']} fused whole, {counts['partial']} in part, "
+             f"{counts['none']} not at all.", "",
+             "| fused | models | what stops the rest | names |", "|---|---|---|---|"]
     for (status, why), names in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         lines.append(f"| {status} | {len(names)} | {why} | {', '.join(names)} |")
     return "\n".join(lines)

@@ -138,6 +138,20 @@ def test_aa_model_channels_last():
     assert_state_close("after the step", fused, original)
 
 
+def test_backward_keeps_the_post_aa_activation_only():
+    """The fused block saves the downsampled activation the next conv needs; at the
+    pre-aa shape it saves only the conv output z (the ReLU recomputes from it)."""
+    block = convert_quietly(build("resnetblur18")).layer2[0].train()
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        block(x)
+    pre_aa, post_aa = (2, 32, 12, 12), (2, 32, 6, 6)
+    # pre-aa: z1; post-aa: the activation, z2 and the projection conv's output
+    assert saved.count(pre_aa) == 1 and saved.count(post_aa) == 3, saved
+
+
 def test_replaced_aa_layer_is_picked_up():
     """The plan cache keys on the aa module: a new one is used on the next call."""
     original = build("resnetaa50").double().eval()
