@@ -6,7 +6,9 @@ Reads pytest-benchmark JSON (``pytest bench --benchmark-json results.json``) and
 JSON-lines file the suite appends to when FUSEDRES_BENCH_JSONL is set (what a run cut off
 by a timeout still measured); a result seen twice counts once, the first file winning.
 Every number comes from the results' ``extra_info`` (device-timed medians). Ratios are
-throughput ratios, eager time / fused time: above 1 the fused blocks are faster.
+throughput ratios, eager time / fused time: above 1 the fused blocks are faster; folded/X
+is X time / folded time (fold_for_inference, inference only; compile_freezing is
+torch.compile with torch._inductor.config.freezing = True, Inductor's conv-BN folding).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-SPEED_PROVIDERS = ("eager", "compile", "fused", "fused_recompute", "csrc_ref")
+SPEED_PROVIDERS = ("eager", "compile", "fused", "fused_recompute", "csrc_ref", "folded",
+                   "compile_freezing")
+# The folded-inference table: folded, then what it is compared with.
+FOLDED_COLUMNS = ("folded", "eager", "compile", "compile_freezing", "fused")
 KERNEL_PROVIDERS = ("triton", "csrc_ref", "reference")
 ENV_KEYS = (("card", "card"), ("device", "device"), ("torch", "torch"), ("triton", "triton"),
             ("cudnn", "cuDNN"), ("cuda", "CUDA"), ("python", "Python"), ("date", "date"),
@@ -111,7 +116,7 @@ def speed_tables(entries) -> str:
         cases.setdefault(key, {})[x["provider"]] = x
     if not cases:
         return ""
-    speed, memory = [], []
+    speed, memory, folded = [], [], []
     for (kind, case, mode, dtype, layout, batch), by in cases.items():
         t = {p: by[p].get("median_ms") for p in by}
         ips = [_fmt(by[p].get("images_per_s"), 1) if p in by else "–" for p in SPEED_PROVIDERS]
@@ -120,6 +125,11 @@ def speed_tables(entries) -> str:
                       _ratio(t.get("compile"), t.get("fused")),
                       _ratio(t.get("eager"), t.get("fused_recompute")),
                       _ratio(t.get("eager"), t.get("csrc_ref"))])
+        if "folded" in t:
+            folded.append([kind, case, mode, dtype, layout, batch,
+                           *[_fmt(by[p].get("images_per_s"), 1) if p in by else "–"
+                             for p in FOLDED_COLUMNS],
+                           *[_ratio(t.get(p), t["folded"]) for p in FOLDED_COLUMNS[1:]]])
         mem = [_fmt(by[p].get("peak_mem_mb"), 0) if p in by else "–" for p in SPEED_PROVIDERS]
         f = by.get("fused", {})
         bad = [p for p in by if by[p].get("check_ok") is False]
@@ -139,7 +149,13 @@ def speed_tables(entries) -> str:
     b = _table(head + [f"peak MB {p}" for p in SPEED_PROVIDERS]
                + ["fused kernels ms", "fused MB moved", "fused GB/s", "floor/fused time",
                   "check vs eager (max rel err)"], memory)
-    return ("## Blocks and models: throughput\n\n" + a + "\n\n"
+    c = ("## Inference with folded batch norms\n\nfolded/X = X time / folded time "
+         "(fusedres.fold_for_inference; compile_freezing: torch.compile with "
+         "torch._inductor.config.freezing = True).\n\n"
+         + _table(head + [f"{p} img/s" for p in FOLDED_COLUMNS]
+                  + [f"folded/{p}" for p in FOLDED_COLUMNS[1:]], folded) + "\n\n"
+         if folded else "")
+    return ("## Blocks and models: throughput\n\n" + a + "\n\n" + c +
             "## Memory, and the fused kernels against the byte floor\n\n"
             "Peak memory is torch.cuda.max_memory_allocated over one step (model, inputs and "
             "optimizer state included). Fused kernels: the time of the Triton kernels in one "

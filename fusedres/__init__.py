@@ -5,6 +5,7 @@ from .backend import backend_for, use_backend
 from .convert import convert, fused_blocks, revert
 from .batchnorm import FusedBatchNorm, fused_batch_norm
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock
+from .inference import fold_for_inference
 from .plan import fused_residual_block
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck,
                       FusedSyncBatchNorm)
@@ -14,6 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BNSpec", "BlockSpec", "ConvSpec", "FusedBasicBlock", "FusedBatchNorm", "FusedBottleneck",
     "FusedPreActBlock", "FusedPreActBottleneck", "FusedResidualBlock", "FusedSyncBatchNorm",
-    "backend_for", "convert", "fused_batch_norm", "fused_blocks", "fused_residual_block", "ops",
-    "reference", "revert", "use_backend",
+    "backend_for", "convert", "fold_for_inference", "fused_batch_norm", "fused_blocks",
+    "fused_residual_block", "ops", "reference", "revert", "use_backend",
 ]

@@ -35,33 +35,54 @@ _NO_NORM = BNParams(None, None, None, None, None)
 # --------------------------------------------------------------------------------------
 
 
-def read_norm(bn: nn.Module) -> tuple[BNSpec, BNParams]:
-    """How a norm layer behaves in this call and the tensors it reads, as nn.BatchNorm2d
-    decides them (torch/nn/modules/batchnorm.py): batch statistics in training, or in eval
-    when it has no running buffers; running buffers updated only in training with
-    track_running_stats; a frozen batch norm (torchvision's FrozenBatchNorm2d: running
-    statistics, no momentum) always in eval."""
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+_FROZEN = ("weight", "bias", "running_mean", "running_var")
+
+
+def raw_norm(bn: nn.Module) -> tuple:
+    """The five tensors a norm layer holds, unfiltered: (weight, bias, running_mean,
+    running_var, num_batches_tracked), None where it has none. TypeError for a layer that
+    is neither a batch norm nor a frozen one."""
+    if isinstance(bn, _BatchNorm):
         p, b = bn._parameters, bn._buffers
-        rm, rv = b.get("running_mean"), b.get("running_var")
-        training = bn.training
-        # as _BatchNorm.forward: eval normalises with the buffers whenever they exist,
-        # even after track_running_stats was switched off
-        batch_stats = training or (rm is None and rv is None)
-        update = training and bn.track_running_stats and rm is not None
-        spec = BNSpec(batch_stats=batch_stats, update=update,
-                      momentum=None if bn.momentum is None else float(bn.momentum),
-                      eps=float(bn.eps))
-        keep_running = update or not batch_stats
-        return spec, BNParams(p.get("weight"), p.get("bias"),
-                              rm if keep_running else None, rv if keep_running else None,
-                              b.get("num_batches_tracked") if update else None)
+        return (p.get("weight"), p.get("bias"), b.get("running_mean"), b.get("running_var"),
+                b.get("num_batches_tracked"))
     b = getattr(bn, "_buffers", {})
-    if all(b.get(a) is not None for a in ("weight", "bias", "running_mean", "running_var")) \
-            and hasattr(bn, "eps"):
-        return (BNSpec(False, False, None, float(bn.eps)),
-                BNParams(b["weight"], b["bias"], b["running_mean"], b["running_var"], None))
+    if all(b.get(a) is not None for a in _FROZEN) and hasattr(bn, "eps"):
+        return (b["weight"], b["bias"], b["running_mean"], b["running_var"], None)
     raise TypeError(f"norm layer must be a BatchNorm2d or FrozenBatchNorm2d, got {type(bn).__name__}")
+
+
+def norm_spec(bn: nn.Module, raw: tuple) -> BNSpec:
+    """How a norm layer behaves in this call, as nn.BatchNorm2d decides it
+    (torch/nn/modules/batchnorm.py): batch statistics in training, or in eval when it has
+    no running buffers; running buffers updated only in training with track_running_stats;
+    a frozen batch norm (running statistics, no momentum) always in eval."""
+    if not isinstance(bn, _BatchNorm):
+        return BNSpec(False, False, None, float(bn.eps))
+    training = bn.training
+    # as _BatchNorm.forward: eval normalises with the buffers whenever they exist, even
+    # after track_running_stats was switched off
+    batch_stats = training or (raw[2] is None and raw[3] is None)
+    update = training and bn.track_running_stats and raw[2] is not None
+    return BNSpec(batch_stats=batch_stats, update=update,
+                  momentum=None if bn.momentum is None else float(bn.momentum),
+                  eps=float(bn.eps))
+
+
+def params_for(raw: tuple, spec: BNSpec) -> BNParams:
+    """The tensors a norm passes to the fused ops in this call: running statistics only
+    where they are read or updated, num_batches_tracked only where it counts."""
+    keep_running = spec.update or not spec.batch_stats
+    return BNParams(raw[0], raw[1], raw[2] if keep_running else None,
+                    raw[3] if keep_running else None, raw[4] if spec.update else None)
+
+
+def read_norm(bn: nn.Module) -> tuple[BNSpec, BNParams]:
+    """(norm_spec, params_for) of a norm layer."""
+    raw = raw_norm(bn)
+    spec = norm_spec(bn, raw)
+    return spec, params_for(raw, spec)
 
 
 # --------------------------------------------------------------------------------------
@@ -330,9 +351,9 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
 
 @dataclass(frozen=True)
 class _Cached:
-    ds_key: tuple          # the downsample module and its children, by identity
+    ds_key: tuple           # the downsample module and its children, by identity
     parts: Optional[tuple]  # split_downsample of it
-    key: tuple             # everything else the plan depends on (see _key)
+    key: tuple              # everything else the plan depends on (see run_module)
     plan: BlockPlan
 
 
@@ -347,8 +368,8 @@ def _norm_state(norm: nn.Module) -> tuple:
 
 
 def _tensor_state(t: Optional[Tensor]):
-    # identity, and what .half() / .to() change while keeping it
-    return None if t is None else (id(t), t.dtype, t.device, t.requires_grad)
+    # identity, and what .half() / .to() / .requires_grad_() change while keeping it
+    return None if t is None else (id(t), t.dtype, t.get_device(), t.requires_grad)
 
 
 def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[Tensor]) -> Tensor:
@@ -373,44 +394,53 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     else:
         parts = split_downsample(ds, layout.preact)
         cached = None
-    read = [read_norm(nm) for nm in norms]
-    if parts is not None:
-        dread = read_norm(parts[2]) if parts[2] is not None else (None, _NO_NORM)
-        dw = parts[1]._parameters.get("weight")
-    else:
-        dread, dw = (None, _NO_NORM), None
+    all_norms = norms if parts is None or parts[2] is None else [*norms, parts[2]]
+    raws = [raw_norm(nm) for nm in all_norms]
     conv_w = [cv._parameters.get("weight") for cv in convs]
+    dw = parts[1]._parameters.get("weight") if parts is not None else None
     filt = aa_filter(aa[1]) if aa is not None else None
     cast = _autocast_dtype(x)
-    key = (x.shape, x.dtype, x.device, x.is_contiguous(),
+    key = (x.shape, x.dtype, x.get_device(), x.is_contiguous(),
            x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
            torch.is_grad_enabled(), cast, factor is None, block.recompute,
-           distributed.is_initialised(), tuple(map(_norm_state, norms)), dread[0],
+           distributed.is_initialised(), tuple(map(_norm_state, all_norms)),
            tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
-           tuple(_tensor_state(t) for _, p in (*read, dread) for t in p),
+           tuple(_tensor_state(t) for raw in raws for t in raw),
            id(aa[1]) if aa is not None else None, _tensor_state(filt))  # the plan holds its AASpec
     if cached is not None and cached.key != key:
         cached = None
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return _run_cached(block, cached, ds_key, parts, key, x if layout.preact else x.to(cast),
-                               convs, norms, read, dread[1], conv_w, dw, factor, cast, aa, filt)
-    return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, read, dread[1],
-                       conv_w, dw, factor, None, aa, filt)
+            return _run_cached(block, cached, ds_key, parts, key,
+                               x if layout.preact else x.to(cast), convs, norms, raws, conv_w,
+                               dw, factor, cast, aa, filt)
+    return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw,
+                       factor, None, aa, filt)
 
 
-def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, read, dparams, conv_w, dw,
-                factor, cast, aa, filt):
+def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw, factor,
+                cast, aa, filt):
     layout = block._fused_layout
+    k = len(convs)
     if cached is None:
-        plan, tensors = build_plan(x, convs, norms, [r[1] for r in read], [r[0] for r in read],
-                                   parts, layout.preact, factor, block.recompute, cast, True,
-                                   None, aa)
+        specs = [norm_spec(nm, raw) for nm, raw in zip(norms, raws)]
+        params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
+        plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
+                                   factor, block.recompute, cast, True, None, aa)
         _PLANS[block] = _Cached(ds_key, parts, key, plan)
         return execute(plan, x, factor, tensors)
     _check_factor(factor, x)
+    spec = cached.plan.spec
     if cast is not None:
         conv_w = [w.to(cast) for w in conv_w]
         dw = dw.to(cast) if dw is not None else None
-    tensors = [*conv_w, *[t for _, p in read for t in p], dw, *dparams, _cast(filt, cast)]
+    tensors = list(conv_w)
+    for raw, sp in zip(raws, spec.bns):
+        tensors.extend(params_for(raw, sp))
+    tensors.append(dw)
+    if len(raws) > k:  # the projection's norm
+        tensors.extend(params_for(raws[k], spec.proj_bn))
+    else:
+        tensors.extend(_NO_NORM)
+    tensors.append(_cast(filt, cast))
     return execute(cached.plan, x, factor, tensors)
