@@ -183,3 +183,15 @@ def test_compiled_aa_model_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_fold_for_inference_leaves_aa_blocks_unfolded():
+    """fold_for_inference folds what convert fuses, but not the aa step: those blocks stay
+    as they are, named in its warning, and the model still computes the same."""
+    model = build("resnetblur18").eval()
+    with pytest.warns(UserWarning, match="anti-aliasing layer aa"):
+        folded = fusedres.fold_for_inference(model)
+    assert sorted(name for name, _ in folded.unfolded) == ["layer2.0", "layer3.0", "layer4.0"]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
