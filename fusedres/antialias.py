@@ -55,18 +55,20 @@ def _is_blur_pool(m: nn.Module) -> bool:
     return type(m).__module__ == "timm.layers.blur_pool" and type(m).__qualname__ == "BlurPool2d"
 
 
-def aa_problem(m: nn.Module) -> Optional[str]:
-    """Why the fused block cannot run ``m`` as its anti-aliasing step, or None."""
+def aa_problem(m: nn.Module, name: str = "aa") -> Optional[str]:
+    """Why the fused block cannot run ``m`` (its attribute ``name``) as its anti-aliasing
+    step, or None."""
+    what = f"anti-aliasing layer {name} ({type(m).__name__})"
     if type(m) is nn.AvgPool2d:
         return None
     if _is_blur_pool(m):
         if m.pad_mode not in _PAD_MODES:
-            return f"anti-aliasing layer BlurPool2d with pad_mode={m.pad_mode!r}"
+            return f"{what} has pad_mode={m.pad_mode!r}, not one of {_PAD_MODES}"
         filt = m._buffers.get("filt")
         if filt is None or filt.dim() != 4 or filt.shape[1] != 1:
-            return "anti-aliasing layer BlurPool2d without a [C, 1, k, k] filt buffer"
+            return f"{what} has no [C, 1, k, k] filt buffer"
         return None
-    return f"anti-aliasing layer ({type(m).__name__}) that is neither nn.AvgPool2d nor timm's BlurPool2d"
+    return f"{what} is neither nn.AvgPool2d nor timm's BlurPool2d"
 
 
 def read_aa(m: nn.Module, after: int) -> tuple[AASpec, Optional[Tensor]]:

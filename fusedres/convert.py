@@ -198,7 +198,7 @@ def why_not_fused(block: nn.Module) -> Optional[str]:
             problems.append(f"{_ABSENT_WHAT.get(name, name)} {name} ({type(m).__name__})")
     aa = getattr(block, layout.aa, None) if layout.aa else None
     if aa is not None and not isinstance(aa, nn.Identity):
-        problems.append(aa_problem(aa))
+        problems.append(aa_problem(aa, layout.aa))
     for name in layout.relus:
         problems.append(_act_problem(name, getattr(block, name, None), relu=True))
     for name in layout.convs:

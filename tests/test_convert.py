@@ -366,7 +366,9 @@ def _convert_warns(model):
     ("seresnet18", {}, "attention layer se (SEModule)"),
     ("ecaresnet26t", {}, "attention layer se (EcaModule)"),
     ("resnet18", {"act_layer": nn.SiLU}, "act1 is SiLU, not ReLU"),
-    ("resnet18", {"aa_layer": nn.AvgPool2d}, "anti-aliasing layer aa"),
+    # nn.AvgPool2d and BlurPool2d itself are served (test_aa_blocks.py), a subclass is not
+    ("resnet18", {"aa_layer": type("OwnBlurPool2d", (timm.layers.BlurPool2d,), {})},
+     "anti-aliasing layer aa"),
     ("resnet18", {"drop_block_rate": 0.1}, "DropBlock drop_block (DropBlock2d)"),
     ("resnetv2_50d_gn", {}, "norm1 is GroupNormAct, not a batch norm"),
 ])
