@@ -9,8 +9,8 @@ as "the fused subclass of <original class>", so nothing refers to the generated 
 name.
 
 Served: torchvision's BasicBlock / Bottleneck (ResNet, ResNeXt, wide ResNet), timm's ResNet
-BasicBlock / Bottleneck (with the avg-pool shortcut of the "d"/"t" variants and stochastic
-depth), timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
+BasicBlock / Bottleneck (with the avg-pool shortcut of the "d"/"t" variants, stochastic
+depth and the anti-aliasing ``aa`` layer of resnetaa*/resnetblur*: fusedres.antialias), timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
 fusedres.reference's blocks. Norms may be nn.BatchNorm2d, timm's BatchNormAct2d, a
 frozen batch norm (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) or
 nn.SyncBatchNorm (all of a block's norms, one process group: fusedres.distributed), and
@@ -27,6 +27,7 @@ from typing import Optional
 
 from torch import nn
 
+from .antialias import aa_problem
 from .distributed import sync_problem
 from .modules import (BlockLayout, FusedBasicBlock, FusedBottleneck, FusedPreActBlock,
                       FusedPreActBottleneck, FusedSyncBatchNorm, _FusedMixin, split_downsample)
@@ -38,7 +39,7 @@ __all__ = ["LAYOUTS", "Summary", "convert", "fused_blocks", "fused_class", "is_f
 # unfused): logging.basicConfig(level=logging.INFO) or a handler on "fusedres" shows it.
 logger = logging.getLogger("fusedres")
 
-_TIMM_ABSENT = ("drop_block", "aa", "se")
+_TIMM_ABSENT = ("drop_block", "se")
 
 #: (module, qualname) of each block class convert() serves -> where its parts are.
 LAYOUTS: dict = {
@@ -48,10 +49,11 @@ LAYOUTS: dict = {
         BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"), relus=("relu",)),
     ("timm.models.resnet", "BasicBlock"):
         BlockLayout(("conv1", "conv2"), ("bn1", "bn2"), relus=("act1", "act2"),
-                    absent=_TIMM_ABSENT, drop_path="drop_path"),
+                    absent=_TIMM_ABSENT, drop_path="drop_path", aa="aa", aa_after=0),
     ("timm.models.resnet", "Bottleneck"):
         BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"),
-                    relus=("act1", "act2", "act3"), absent=_TIMM_ABSENT, drop_path="drop_path"),
+                    relus=("act1", "act2", "act3"), absent=_TIMM_ABSENT, drop_path="drop_path",
+                    aa="aa", aa_after=1),
     ("timm.models.resnetv2", "PreActBasic"):
         BlockLayout(("conv1", "conv2"), ("norm1", "norm2"), preact=True, norm_act=True,
                     drop_path="drop_path"),
@@ -203,6 +205,9 @@ def why_not_fused(block: nn.Module) -> Optional[str]:
         m = getattr(block, name, None)
         if m is not None and not isinstance(m, nn.Identity):
             problems.append(f"{_ABSENT_WHAT.get(name, name)} {name} ({type(m).__name__})")
+    aa = getattr(block, layout.aa, None) if layout.aa else None
+    if aa is not None and not isinstance(aa, nn.Identity):
+        problems.append(aa_problem(aa, layout.aa))
     for name in layout.relus:
         problems.append(_act_problem(name, getattr(block, name, None), relu=True))
     for name in layout.convs:
@@ -298,9 +303,9 @@ def convert(model: nn.Module) -> nn.Module:
     fused equivalent, sharing its parameters and buffers; returns ``model``.
 
     Blocks already fused are left as they are (converting twice changes nothing). Blocks
-    of a known kind that cannot be fused (attention, anti-aliasing, DropBlock, another
-    activation or norm, a conv with a bias, ...) are left alone and named, with the
-    reason, in one warning. A model with no ResNet block at all also warns. Every
+    of a known kind that cannot be fused (attention, an anti-aliasing layer other than
+    AvgPool2d or BlurPool2d, DropBlock, another activation or norm, a conv with a bias,
+    ...) are left alone and named, with the reason, in one warning. A model with no ResNet block at all also warns. Every
     nn.SyncBatchNorm outside the blocks (and inside: blocks read their norms' parameters
     but never call them) becomes a FusedSyncBatchNorm, which runs on CPU tensors too.
     What it did (fusedres.summary(model)) goes to logging.getLogger("fusedres") at INFO."""

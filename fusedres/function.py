@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 from . import distributed, ops, parity
+from .antialias import AASpec, aa_backward, aa_forward
 from .layout import memory_format
 from .records import BNParams, BNStats, BwdArgs, BwdOut, Norm
 
@@ -67,17 +68,19 @@ class BlockSpec:
     proj_bn: Optional[BNSpec] = None
     recompute: bool = False
     skip: bool = True          # False: the plain (no-shortcut) form of the block
+    aa: Optional[AASpec] = None  # anti-aliasing step after one inner activation (timm's aa)
     group: Any = dataclasses.field(default=None, compare=False)  # process group of the BNs with sync
 
 
 class Slots(NamedTuple):
     """Positions in the flat tensor list that FusedResidualBlock.apply takes after
     (spec, x, factor): the k conv weights, then each BN's BNParams (5 fields), then the
-    projection conv's weight and its BN's BNParams."""
+    projection conv's weight and its BN's BNParams, then the anti-aliasing blur filter."""
     w: tuple        # conv i's weight
     bn: tuple       # first position of BN i's BNParams
     wd: int
     bnd: int
+    aa: int         # BlockSpec.aa's blur filter (None for an avg pool or no aa)
     total: int
 
 
@@ -86,7 +89,7 @@ def slots(k: int) -> Slots:
     """The Slots of a block with k convs."""
     n = len(BNParams._fields)
     return Slots(tuple(range(k)), tuple(k + n * i for i in range(k)), k + n * k,
-                 k + n * k + 1, k + n * k + 1 + n)
+                 k + n * k + 1, k + n * k + 1 + n, k + n * k + 2 + n)
 
 
 _GAMMA, _BETA = BNParams._fields.index("weight"), BNParams._fields.index("bias")
@@ -104,7 +107,7 @@ class Saved:
     (``flat()``), and ``unflat`` rebuilds it from the spec alone."""
     zs: list                       # each conv's output, in order
     bns: list                      # SavedBN per main-path BN, in spec.bns order
-    acts: list                     # inner activations (empty with recompute)
+    acts: list                     # inner activations, after spec.aa (empty with recompute)
     mask: Optional[Tensor] = None  # the last ReLU's bits (post-activation)
     zd: Optional[Tensor] = None    # the projection conv's output (post-activation)
     bn_d: Optional[SavedBN] = None
@@ -211,10 +214,10 @@ def block_forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors,
     if spec.preact:
         return _forward_preact(spec, x, factor, W, P, tensors[sl.wd], save)
     return _forward_post(spec, x, factor, W, P, tensors[sl.wd],
-                         BNParams(*tensors[sl.bnd:sl.bnd + 5]), save)
+                         BNParams(*tensors[sl.bnd:sl.bnd + 5]), tensors[sl.aa], save)
 
 
-def _forward_post(spec, x, factor, W, P, wd, pd, save):
+def _forward_post(spec, x, factor, W, P, wd, pd, filt, save):
     k = len(spec.convs)
     zs, bns, acts = [], [], []
     # Keep conv outputs and activations only when the backward needs them: in inference
@@ -224,6 +227,8 @@ def _forward_post(spec, x, factor, W, P, wd, pd, save):
         z = _conv(h, W[i], spec.convs[i])
         norm, count = normalise(z, P[i], spec.bns[i], spec.group)
         h, stats = _bn_relu(z, norm)
+        if spec.aa is not None and spec.aa.after == i:
+            h = aa_forward(h, spec.aa, filt)
         if save:
             zs.append(z)
             bns.append(SavedBN(stats, count))
@@ -361,8 +366,8 @@ class FusedResidualBlock(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in tensors]
         ctx.bn_tensors = tensors[len(spec.convs):]  # for parity.fused_backward's error
         sl = slots(len(spec.convs))
-        ctx.save_for_backward(x, factor, tensors[sl.wd], *(tensors[i] for i in sl.w),
-                              *saved.flat())
+        ctx.save_for_backward(x, factor, tensors[sl.wd], tensors[sl.aa],
+                              *(tensors[i] for i in sl.w), *saved.flat())
         return out
 
     @staticmethod
@@ -370,22 +375,25 @@ class FusedResidualBlock(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         spec: BlockSpec = ctx.spec
         k = len(spec.convs)
-        x, factor, wd, *rest = ctx.saved_tensors
+        x, factor, wd, filt, *rest = ctx.saved_tensors
         W, saved = rest[:k], Saved.unflat(spec, tuple(rest[k:]))
         grads = _Grads(ctx, spec)
         need_x = ctx.needs_input_grad[1]
         if spec.preact:
             dx = _backward_preact(spec, dout, x, factor, W, wd, saved, grads, need_x)
         else:
-            dx = _backward_post(spec, dout, x, factor, W, wd, saved, grads, need_x)
+            dx = _backward_post(spec, dout, x, factor, W, wd, filt, saved, grads, need_x)
         return (None, dx, None, *grads.out)
 
 
-def _inner_act(spec: BlockSpec, saved: Saved, i: int, source: Tensor) -> Tensor:
-    """Inner activation i, saved or (recompute=True) recomputed from its BN input."""
+def _inner_act(spec: BlockSpec, saved: Saved, i: int, source: Tensor,
+               filt: Optional[Tensor] = None) -> Tensor:
+    """Inner activation i (after spec.aa where it follows this one), saved or
+    (recompute=True) recomputed from its BN input."""
     if not spec.recompute:
         return saved.acts[i]
-    return _bn_relu(source, _stats_norm(saved.bns[i].stats))[0]
+    a = _bn_relu(source, _stats_norm(saved.bns[i].stats))[0]
+    return aa_forward(a, spec.aa, filt) if spec.aa is not None and spec.aa.after == i else a
 
 
 def _inner_bn_backward(spec: BlockSpec, grads: _Grads, i: int, dy: Tensor, z: Tensor,
@@ -398,7 +406,7 @@ def _inner_bn_backward(spec: BlockSpec, grads: _Grads, i: int, dy: Tensor, z: Te
     return out.dz
 
 
-def _backward_post(spec, dout, x, factor, W, wd, saved: Saved, grads: _Grads, need_x):
+def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Grads, need_x):
     k = len(spec.convs)
     zs, last = saved.zs, saved.bns[-1]
     batch_last = spec.bns[-1].batch_stats
@@ -418,10 +426,12 @@ def _backward_post(spec, dout, x, factor, W, wd, saved: Saved, grads: _Grads, ne
 
     gin = None
     for i in reversed(range(k)):
-        inp = x if i == 0 else _inner_act(spec, saved, i - 1, zs[i - 1])
+        inp = x if i == 0 else _inner_act(spec, saved, i - 1, zs[i - 1], filt)
         gin, gw = _conv_backward(dz, inp, W[i], spec.convs[i], i > 0 or need_x, grads.need_w(i))
         grads.set_w(i, gw)
         if i > 0:
+            if spec.aa is not None and spec.aa.after == i - 1:
+                gin = aa_backward(gin, zs[i - 1], spec.aa, filt)  # z: the aa input's shape
             dz = _inner_bn_backward(spec, grads, i - 1, gin, zs[i - 1], saved.bns[i - 1])
 
     dx = gin if need_x else None

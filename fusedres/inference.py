@@ -405,6 +405,9 @@ def _fold_block(block: nn.Module) -> FoldedBlock:
     from .convert import _layout_of
     from .modules import split_downsample
     layout = _layout_of(type(block))
+    aa = getattr(block, layout.aa, None) if layout.aa else None
+    if aa is not None and not isinstance(aa, nn.Identity):  # fused, but FoldedBlock lacks it
+        raise ValueError(f"its anti-aliasing layer {layout.aa} ({type(aa).__name__}) is not folded")
     convs = [getattr(block, n) for n in layout.convs]
     norms = [getattr(block, n) for n in layout.norms]
     parts = split_downsample(getattr(block, "downsample", None), layout.preact)
@@ -484,8 +487,9 @@ def fold_for_inference(model: nn.Module, example_input: Optional[Tensor] = None)
     """A new model that computes ``model.eval()``'s outputs with every batch norm folded
     into the convolution before it; ``model`` and its state_dict are left untouched.
 
-    Folded: each batch norm of every block fusedres.convert can fuse (torchvision and timm
-    ResNet blocks, timm ResNetV2 pre-activation blocks, fusedres's own), their projection
+    Folded: each batch norm of every block fusedres.convert can fuse but an anti-aliased
+    one (torchvision and timm ResNet blocks, timm ResNetV2 pre-activation blocks,
+    fusedres's own), their projection
     shortcuts' and the stem's (torchvision / timm ResNet, and any conv -> batch norm
     [-> ReLU] inside an nn.Sequential). A pre-activation block's leading norm, which no
     conv precedes, stays a per-channel scale/shift + ReLU. Blocks that cannot fold stay as

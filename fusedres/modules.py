@@ -34,6 +34,8 @@ class BlockLayout:
     absent: tuple = ()                 # optional layers that must be None or nn.Identity
     drop_path: Optional[str] = None    # a timm DropPath module, or a float drop rate
     norm_act: bool = False             # the norms carry the ReLU (timm's BatchNormAct2d)
+    aa: Optional[str] = None           # an anti-aliasing layer (timm's aa), nn.Identity if none,
+    aa_after: int = 0                  # ... applied to inner activation aa_after (0: the first)
 
 
 def _pool_kernel(pool: nn.Module) -> int:

@@ -76,8 +76,9 @@ def composite_batch_norm(x: Tensor, norm: nn.Module) -> Tensor:
 
 def composite_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                     downsample: Optional[tuple], preact: bool, factor: Optional[Tensor],
-                    skip: bool, process_group=None) -> Tensor:
-    """What fused_residual_block computes (same arguments), through the plain modules."""
+                    skip: bool, process_group=None, aa: Optional[tuple] = None) -> Tensor:
+    """What fused_residual_block computes (same arguments), through the plain modules;
+    ``aa`` (i, module): the anti-aliasing module after inner activation i."""
     dnorm = downsample[2] if downsample is not None else None
     group = distributed.block_group([*norms, dnorm], process_group)
     if distributed.world_size(group) > 1 and any(getattr(n, "training", False) for n in norms):
@@ -98,6 +99,8 @@ def composite_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Mo
             h = _norm(norms[i], convs[i](h))
             if i < k - 1:
                 h = F.relu(h)
+                if aa is not None and aa[0] == i:
+                    h = aa[1](h)
     if factor is not None:
         h = h * factor.to(h.dtype).view(-1, 1, 1, 1)
     if downsample is not None:
@@ -246,11 +249,12 @@ def batch_norm_backward_batched(ctx, dy: Tensor):
 def block_backward_batched(ctx, dout: Tensor):
     """FusedResidualBlock.backward for a batched dout: the block's forward recomputed in
     plain PyTorch from what the forward saved, and differentiated."""
+    from .antialias import aa_forward
     from .function import _GAMMA, _BETA, Saved, _conv, _pool, slots
     spec = ctx.spec
     _refuse_sync(spec.group)
     k = len(spec.convs)
-    x, factor, wd, *rest = ctx.saved_tensors
+    x, factor, wd, filt, *rest = ctx.saved_tensors
     W, saved = rest[:k], Saved.unflat(spec, tuple(rest[k:]))
     sl = slots(k)
     needs, dtypes = ctx.needs_input_grad[3:], ctx.dtypes
@@ -281,6 +285,8 @@ def block_backward_batched(ctx, dout: Tensor):
                 h = bn(i, _conv(h, Wl[i], spec.convs[i]))
                 if i < k - 1:
                     h = F.relu(h)
+                    if spec.aa is not None and spec.aa.after == i:
+                        h = aa_forward(h, spec.aa, filt)
         if factor is not None:
             h = h * factor.to(h.dtype).view(-1, 1, 1, 1)
         if spec.proj is not None:

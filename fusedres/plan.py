@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, parity
+from .antialias import aa_filter, aa_out_hw, read_aa
 from .errors import ShapeError
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
 from .records import BNParams
@@ -189,7 +190,7 @@ class BlockPlan:
 def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                params: Sequence[BNParams], specs: Sequence[BNSpec], downsample, preact: bool,
                factor: Optional[Tensor], recompute: bool, cast: Optional[torch.dtype],
-               skip: bool, process_group) -> tuple[BlockPlan, list]:
+               skip: bool, process_group, aa: Optional[tuple] = None) -> tuple[BlockPlan, list]:
     """Check a block call and derive its plan; returns (plan, the flat tensor list)."""
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -199,6 +200,7 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
     group = distributed.block_group([*norms, dnorm], process_group)
     specs = sync_specs(list(specs), norms, group)
 
+    aa_spec, filt = _read_aa(aa, preact, len(convs))
     c_cur, hw = c, (h, w)
     if preact:
         check_norm("norms[0]", params[0], c, x, x.dtype, specs[0], (n, c, h, w))
@@ -208,6 +210,9 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
         c_cur = conv.weight.shape[0]
         if not preact:
             check_norm(f"norms[{i}]", params[i], c_cur, x, act, specs[i], (n, c_cur, *hw))
+            if aa_spec is not None and aa_spec.after == i:
+                _check_aa_filter(filt, c_cur, x, act, cast is not None)
+                hw = aa_out_hw(aa_spec, *hw)
         elif i + 1 < len(convs):
             check_norm(f"norms[{i + 1}]", params[i + 1], c_cur, x, act, specs[i + 1],
                        (n, c_cur, *hw))
@@ -239,15 +244,42 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
                      bns=tuple(specs), proj=proj, proj_pool=pool, proj_bn=proj_bn_spec,
-                     recompute=recompute, skip=skip,
+                     recompute=recompute, skip=skip, aa=aa_spec,
                      group=group if any(b.sync for b in (*specs, proj_bn_spec) if b) else None)
     weights = [cv.weight if cast is None else cv.weight.to(cast) for cv in convs]
-    tensors = [*weights, *[t for p in params for t in p], wd, *pd]
+    tensors = [*weights, *[t for p in params for t in p], wd, *pd, _cast(filt, cast)]
     grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
         or (factor is not None and factor.requires_grad))
     contiguous = not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
     return BlockPlan(spec, cast, grad, contiguous), tensors
+
+
+def _read_aa(aa: Optional[tuple], preact: bool, k: int):
+    """(AASpec, blur filter) of ``aa`` = (after, module), or (None, None)."""
+    if aa is None:
+        return None, None
+    after, module = aa
+    if preact:
+        raise ValueError("aa (an anti-aliasing step) is served in post-activation blocks only")
+    if not 0 <= after < k - 1:
+        raise ValueError(f"aa must follow an inner activation, 0 to {k - 2}, got after={after}")
+    return read_aa(module, after)
+
+
+def _check_aa_filter(filt: Optional[Tensor], c: int, x: Tensor, act: torch.dtype, cast: bool):
+    if filt is None:
+        return
+    if filt.shape[0] not in (1, c):
+        raise ValueError(f"the aa layer's filter must have 1 or {c} channels, got {filt.shape[0]}")
+    if filt.device != x.device:
+        raise ValueError(f"the aa layer's filter must be on {x.device} like x, got {filt.device}")
+    if filt.dtype != act and not cast:
+        raise TypeError(f"the aa layer's filter must have dtype {act} like x, got {filt.dtype}")
+
+
+def _cast(t: Optional[Tensor], cast: Optional[torch.dtype]) -> Optional[Tensor]:
+    return t if t is None or cast is None else t.to(cast)
 
 
 def _check_factor(factor: Optional[Tensor], x: Tensor) -> None:
@@ -288,7 +320,8 @@ def _check_x(x, n_convs: int, n_norms: int) -> None:
 def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                          downsample: Optional[tuple] = None, preact: bool = False,
                          drop_factor: Optional[Tensor] = None, recompute: bool = False,
-                         skip: bool = True, process_group=None) -> Tensor:
+                         skip: bool = True, process_group=None,
+                         aa: Optional[tuple] = None) -> Tensor:
     """Run one residual block through the fused kernels.
 
     Args:
@@ -310,6 +343,9 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
             norms decide: nn.SyncBatchNorm norms synchronise over their own group (all of a
             block's norms must then be SyncBatchNorm, with one group), others do not. No
             collective runs in eval mode or with one rank (fusedres.distributed).
+        aa: (i, module): an anti-aliasing step after inner activation i of a
+            post-activation block (timm's ``aa``: nn.AvgPool2d or BlurPool2d), run in its
+            functional form (fusedres.antialias); the next conv then has stride 1.
 
     Under autocast, x and the conv weights are cast to the autocast dtype here, and batch
     norm keeps its parameters and statistics in their own dtype. Each call checks and
@@ -317,13 +353,13 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     _check_x(x, len(convs), len(norms))
     if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
         return parity.composite_block(x, convs, norms, downsample, preact, drop_factor, skip,
-                                      process_group)
+                                      process_group, aa)
     read = [read_norm(nm) for nm in norms]
     specs, params = [r[0] for r in read], [r[1] for r in read]
     cast = _autocast_dtype(x)
     if cast is None:
         plan, tensors = build_plan(x, convs, norms, params, specs, downsample, preact,
-                                   drop_factor, recompute, None, skip, process_group)
+                                   drop_factor, recompute, None, skip, process_group, aa)
         return execute(plan, x, drop_factor, tensors)
     # As eager under autocast: convolutions in the autocast dtype, batch norm in the dtype
     # of its input. A pre-activation block's first BN sees x itself, and its identity
@@ -331,7 +367,7 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     with torch.autocast(x.device.type, enabled=False):
         xc = x if preact else x.to(cast)
         plan, tensors = build_plan(xc, convs, norms, params, specs, downsample, preact,
-                                   drop_factor, recompute, cast, skip, process_group)
+                                   drop_factor, recompute, cast, skip, process_group, aa)
         return execute(plan, xc, drop_factor, tensors)
 
 
@@ -371,13 +407,15 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     convs = [mods[n] for n in layout.convs]
     norms = [mods[n] for n in layout.norms]
     ds = mods.get("downsample", block.__dict__.get("downsample"))
+    aa_mod = mods.get(layout.aa) if layout.aa else None
+    aa = None if aa_mod is None or isinstance(aa_mod, nn.Identity) else (layout.aa_after, aa_mod)
     if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
         return fused_residual_block(x, convs, norms, split_downsample(ds, layout.preact),
-                                    layout.preact, factor, block.recompute)
+                                    layout.preact, factor, block.recompute, aa=aa)
     _check_x(x, len(convs), len(norms))
     if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
         return parity.composite_block(x, convs, norms, split_downsample(ds, layout.preact),
-                                      layout.preact, factor, True)
+                                      layout.preact, factor, True, None, aa)
     cached = _PLANS.get(block)
     ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
     if cached is not None and cached.ds_key == ds_key:
@@ -389,33 +427,35 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     raws = [raw_norm(nm) for nm in all_norms]
     conv_w = [cv._parameters.get("weight") for cv in convs]
     dw = parts[1]._parameters.get("weight") if parts is not None else None
+    filt = aa_filter(aa[1]) if aa is not None else None
     cast = _autocast_dtype(x)
     key = (x.shape, x.dtype, x.get_device(), x.is_contiguous(),
            x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
            torch.is_grad_enabled(), cast, factor is None, block.recompute,
            distributed.is_initialised(), tuple(map(_norm_state, all_norms)),
            tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
-           tuple(_tensor_state(t) for raw in raws for t in raw))
+           tuple(_tensor_state(t) for raw in raws for t in raw),
+           id(aa[1]) if aa is not None else None, _tensor_state(filt))  # the plan holds its AASpec
     if cached is not None and cached.key != key:
         cached = None
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _run_cached(block, cached, ds_key, parts, key,
                                x if layout.preact else x.to(cast), convs, norms, raws, conv_w,
-                               dw, factor, cast)
+                               dw, factor, cast, aa, filt)
     return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw,
-                       factor, None)
+                       factor, None, aa, filt)
 
 
 def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw, factor,
-                cast):
+                cast, aa, filt):
     layout = block._fused_layout
     k = len(convs)
     if cached is None:
         specs = [norm_spec(nm, raw) for nm, raw in zip(norms, raws)]
         params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
         plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
-                                   factor, block.recompute, cast, True, None)
+                                   factor, block.recompute, cast, True, None, aa)
         _PLANS[block] = _Cached(ds_key, parts, key, plan)
         return execute(plan, x, factor, tensors)
     _check_factor(factor, x)
@@ -431,4 +471,5 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
         tensors.extend(params_for(raws[k], spec.proj_bn))
     else:
         tensors.extend(_NO_NORM)
+    tensors.append(_cast(filt, cast))
     return execute(cached.plan, x, factor, tensors)

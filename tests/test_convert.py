@@ -152,13 +152,19 @@ def test_model_trains_like_original(name):
     fused32 = convert_quietly(copy.deepcopy(original))
     assert len(fusedres.fused_blocks(fused32)) == 4
     assert all(isinstance(m, type(o)) for m, o in zip(fused32.modules(), original.modules()))
+    assert_trains_like(fused32, original, 64)
+
+
+def assert_trains_like(fused32: nn.Module, original: nn.Module, size: int):
+    """A converted fp32 model against its original on 2x3xsize x size inputs: fp32
+    outputs and running statistics, then three fp64 SGD steps (test_aa_blocks uses it)."""
     fused, ref = copy.deepcopy(fused32).double(), copy.deepcopy(original).double()
     ref32 = copy.deepcopy(ref)  # the fp64 yardstick of the fp32 run
     gen = torch.Generator().manual_seed(1)
     before = launches()
 
     # fp32: train-mode outputs and running statistics, then eval outputs
-    x = torch.randn(2, 3, 64, 64, generator=gen)
+    x = torch.randn(2, 3, size, size, generator=gen)
     outs = [m.train()(x.to(next(m.parameters()).dtype)) for m in (fused32, original, ref32)]
     assert_close32("fp32 train output", *outs)
     assert_buffers_close("fp32", fused32, ref32, assert_close32, torch32=original)
@@ -172,7 +178,7 @@ def test_model_trains_like_original(name):
     # parameter), then eval outputs
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (fused, ref)]
     for step in range(3):
-        x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+        x = torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64)
         outs, losses = [], []
         for m, opt in zip((fused, ref), opts):
             outs.append(m.train()(x))
@@ -187,7 +193,7 @@ def test_model_trains_like_original(name):
             opt.step()
         assert_state_close(f"after step {step}:", fused, ref)
     with torch.no_grad():
-        x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+        x = torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64)
         assert_close64("eval output", fused.eval()(x), ref.eval()(x))
 
 
@@ -360,7 +366,9 @@ def _convert_warns(model):
     ("seresnet18", {}, "attention layer se (SEModule)"),
     ("ecaresnet26t", {}, "attention layer se (EcaModule)"),
     ("resnet18", {"act_layer": nn.SiLU}, "act1 is SiLU, not ReLU"),
-    ("resnet18", {"aa_layer": nn.AvgPool2d}, "anti-aliasing layer aa"),
+    # nn.AvgPool2d and BlurPool2d itself are served (test_aa_blocks.py), a subclass is not
+    ("resnet18", {"aa_layer": type("OwnBlurPool2d", (timm.layers.BlurPool2d,), {})},
+     "anti-aliasing layer aa"),
     ("resnet18", {"drop_block_rate": 0.1}, "DropBlock drop_block (DropBlock2d)"),
     ("resnetv2_50d_gn", {}, "norm1 is GroupNormAct, not a batch norm"),
 ])
