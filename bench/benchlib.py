@@ -219,24 +219,24 @@ def bytes_bn_stats(x, *args, **kwargs) -> int:
     return _nb(x)
 
 
-def bytes_bn_act_fwd(z, scale, shift, skip, skip_scale, skip_shift, factor, relu,
-                     write_mask) -> int:
+def bytes_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask) -> int:
     """Read z and the skip (a tensor or the projection's zd), write y and the ReLU bits."""
     return 2 * _nb(z) + _nb(skip) + (_mask_bytes(z) if write_mask else 0)
 
 
-def bytes_bn_act_bwd(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
-                     zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, need_sums,
-                     dz_add) -> int:
+def bytes_bn_act_bwd(args, need_sums) -> int:
     """The design's two passes: a reduction reading dy, z (and the mask bits, zd), then
-    an elementwise pass reading them again and writing dz (and dskip or dzd)."""
-    reads = _nb(dy) + _nb(z) + (_nb(mask) if mask_mode == 2 else 0) + (_nb(zd) if skip_mode == 2 else 0)
-    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
-    total = reads * (2 if reduce else 1) + _nb(dz_add) + _nb(z)
-    if skip_mode == 1:
-        total += _nb(dy)
-    elif skip_mode == 2:
-        total += _nb(zd)
+    an elementwise pass reading them again and writing dz (and dskip or dzd).
+    ``args``: a fusedres.records.BwdArgs."""
+    a = args
+    reads = (_nb(a.dy) + _nb(a.z) + (_nb(a.mask) if a.mask_mode == 2 else 0)
+             + (_nb(a.zd) if a.skip_mode == 2 else 0))
+    reduce = a.batch_stats or need_sums or (a.skip_mode == 2 and a.batch_stats_d)
+    total = reads * (2 if reduce else 1) + _nb(a.dz_add) + _nb(a.z)
+    if a.skip_mode == 1:
+        total += _nb(a.dy)
+    elif a.skip_mode == 2:
+        total += _nb(a.zd)
     return total
 
 
@@ -248,7 +248,8 @@ BYTE_COUNTS = {"bn_stats": bytes_bn_stats, "bn_act_fwd": bytes_bn_act_fwd,
 def count_fused_bytes():
     """Count, per op, the calls and the bytes the fused primitives must move while active.
 
-    Wraps the attributes of fusedres.ops that fusedres.function calls (``ops.run_bn_stats``
+    Wraps the attributes of fusedres.ops that fusedres.function calls with the named
+    records of fusedres.records (``ops.run_bn_stats``
     and so on, looked up at each call), so it sees every backend, and names each call
     "fusedres::<op>" for the profiler (eager calls skip the dispatcher, which would name
     them). Yields a Counter with 'bytes', 'calls' and '<op>_bytes'."""

@@ -3,8 +3,9 @@ around cuDNN convolutions, checked against a plain-PyTorch reference."""
 from . import ops, reference
 from .backend import backend_for, use_backend
 from .convert import convert, fused_blocks, revert
-from .function import (BlockSpec, BNSpec, ConvSpec, FusedBatchNorm, FusedResidualBlock,
-                       fused_batch_norm, fused_residual_block)
+from .batchnorm import FusedBatchNorm, fused_batch_norm
+from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock
+from .plan import fused_residual_block
 from .modules import (FusedBasicBlock, FusedBottleneck, FusedPreActBlock, FusedPreActBottleneck,
                       FusedSyncBatchNorm)
 

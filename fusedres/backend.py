@@ -18,8 +18,6 @@ BACKENDS = ("triton", "reference", "csrc_ref")
 _forced: list = []
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _check(name: str, source: str) -> str:
@@ -39,11 +37,30 @@ def use_backend(name: str):
         _forced.pop()
 
 
+# os.environ.get encodes the key and decodes the value on every call (microseconds, and
+# this runs once per fused op): read the raw bytes mapping behind it where there is one.
+_ENV_RAW = getattr(os.environ, "_data", None)
+
+
+_ENV_KEYS = {n: os.environ.encodekey(n) for n in ("FUSEDRES_BACKEND", "TRITON_INTERPRET")}
+
+
+def _env(name: str) -> str:
+    if _ENV_RAW is None:
+        return os.environ.get(name, "").strip()
+    raw = _ENV_RAW.get(_ENV_KEYS[name])
+    return "" if raw is None else os.environ.decodevalue(raw).strip()
+
+
+def _interpreting() -> bool:
+    return _env("TRITON_INTERPRET") not in ("", "0")
+
+
 def backend_for(device: torch.device) -> str:
     """The backend that a tensor on ``device`` runs on right now."""
     forced = _forced[-1] if _forced else None
     if forced is None:
-        env = os.environ.get("FUSEDRES_BACKEND", "").strip()
+        env = _env("FUSEDRES_BACKEND")
         forced = _check(env, "FUSEDRES_BACKEND") if env else None
     if forced is not None:
         if forced == "triton" and device.type != "cuda" and not _interpreting():

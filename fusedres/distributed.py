@@ -25,8 +25,10 @@ import torch
 from torch import Tensor, nn
 
 
-def _initialised() -> bool:
+def is_initialised() -> bool:
+    """torch.distributed is available and initialised in this process."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
 
 
 def is_sync_norm(norm: Optional[nn.Module]) -> bool:
@@ -56,12 +58,12 @@ def block_group(norms: Sequence[Optional[nn.Module]], process_group=None):
     that are nn.SyncBatchNorm synchronise over their group (None = the default group, as
     nn.SyncBatchNorm reads it); others do not. ValueError where sync_problem finds one."""
     if process_group is not None:
-        return process_group if _initialised() else None
+        return process_group if is_initialised() else None
     problem = sync_problem(norms)
     if problem is not None:
         raise ValueError(f"a block's norms cannot synchronise together: {problem}")
     present = [n for n in norms if n is not None]
-    if not present or not is_sync_norm(present[0]) or not _initialised():
+    if not present or not is_sync_norm(present[0]) or not is_initialised():
         return None
     return present[0].process_group or torch.distributed.group.WORLD
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import backend_for
-from .function import fused_residual_block
+from .plan import fused_residual_block
 from .modules import FusedBasicBlock, FusedPreActBlock
 from .reference import conv1x1, conv3x3
 

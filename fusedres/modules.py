@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from . import reference
 from . import distributed
-from .function import fused_batch_norm, fused_residual_block
+from .batchnorm import fused_batch_norm
+from .plan import run_module
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,7 @@ class _FusedMixin:
                                 getattr(dp, "scale_by_keep", True))
 
     def forward(self, x: Tensor) -> Tensor:
-        layout = self._fused_layout
-        return fused_residual_block(
-            x, [getattr(self, n) for n in layout.convs], [getattr(self, n) for n in layout.norms],
-            split_downsample(self.downsample, layout.preact), layout.preact,
-            self._drop_factor(x), self.recompute)
+        return run_module(self, x, split_downsample, self._drop_factor(x))
 
 
 class FusedBasicBlock(_FusedMixin, reference.BasicBlock):

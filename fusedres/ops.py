@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .backend import implementation
 from .layout import mask_shape, memory_format, stats_dtype
+from .records import ActOut, BNParams, BNStats, BwdArgs, BwdOut, Norm
 
 
 @torch.library.custom_op("fusedres::bn_stats",
@@ -147,26 +148,96 @@ def _(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, m
 
 
 # --------------------------------------------------------------------------------------
-# What the autograd Function calls: the custom ops while torch.compile traces, the backend
-# directly in eager mode (the dispatcher's Python overhead is tens of microseconds a call,
-# as much as a small block's kernels take on a GPU).
+# What the autograd Functions call: the named records of fusedres.records, flattened here
+# (the one place the flat schema lives) for the custom ops while torch.compile traces, and
+# for the backend directly in eager mode (the dispatcher's Python overhead is tens of
+# microseconds a call, as much as a small block's kernels take on a GPU).
 # --------------------------------------------------------------------------------------
 
 
-def _eager_or_traced(op, name: str):
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        return getattr(implementation(args[0].device), name)(*args)
-    call.__name__ = name
-    call.__doc__ = op.__doc__
-    return call
+def _backend(device: torch.device):
+    """The backend module for ``device``, or None while torch.compile traces (then the
+    custom ops are called, so that the graph holds them)."""
+    if torch.compiler.is_compiling():
+        return None
+    return implementation(device)
 
 
-run_bn_stats = _eager_or_traced(bn_stats, "bn_stats")
-run_bn_act_fwd = _eager_or_traced(bn_act_fwd, "bn_act_fwd")
-run_bn_act_bwd = _eager_or_traced(bn_act_bwd, "bn_act_bwd")
-run_bn_moments = _eager_or_traced(bn_moments, "bn_moments")
-run_bn_stats_from_moments = _eager_or_traced(bn_stats_from_moments, "bn_stats_from_moments")
-run_bn_act_bwd_reduce = _eager_or_traced(bn_act_bwd_reduce, "bn_act_bwd_reduce")
-run_bn_act_bwd_apply = _eager_or_traced(bn_act_bwd_apply, "bn_act_bwd_apply")
+def _eval_stats(z: Tensor, p: BNParams, eps: float) -> BNStats:
+    """The running-statistics normalisation of one BN, as nn.BatchNorm2d computes it."""
+    sdt = stats_dtype(z)
+    mean = p.running_mean.to(sdt)
+    rstd = torch.rsqrt(p.running_var.to(sdt) + eps)
+    scale = rstd * p.weight.to(sdt) if p.weight is not None else rstd
+    shift = p.bias.to(sdt) - mean * scale if p.bias is not None else -mean * scale
+    return BNStats(mean, rstd, scale, shift)
+
+
+def _stats_of(z: Tensor, norm: Optional[Norm]) -> Optional[BNStats]:
+    if norm is None:
+        return None
+    return norm.stats if norm.stats is not None else _eval_stats(z, norm.params, norm.eps)
+
+
+def run_bn_stats(x: Tensor, p: BNParams, momentum: Optional[float], eps: float) -> BNStats:
+    """Batch statistics of x; updates p's running statistics when p.running_mean is set."""
+    impl = _backend(x.device)
+    fn = impl.bn_stats if impl is not None else bn_stats
+    return BNStats(*fn(x, *p, momentum, eps))
+
+
+def run_bn_moments(x: Tensor) -> Tensor:
+    """This process's (count, mean, M2) per channel, [3, C]."""
+    impl = _backend(x.device)
+    return impl.bn_moments(x) if impl is not None else bn_moments(x)
+
+
+def run_bn_stats_from_moments(moments: Tensor, p: BNParams, momentum: Optional[float],
+                              eps: float) -> BNStats:
+    """bn_stats of the union of the batches whose moments are stacked as [R, 3, C]."""
+    impl = _backend(moments.device)
+    fn = impl.bn_stats_from_moments if impl is not None else bn_stats_from_moments
+    return BNStats(*fn(moments, *p, momentum, eps))
+
+
+def run_bn_act_fwd(z: Tensor, norm: Norm, skip: Optional[Tensor], skip_norm: Optional[Norm],
+                   factor: Optional[Tensor], relu: bool, write_mask: bool) -> ActOut:
+    """y = act(factor[n]*bn(z) + skip), skip = r | bn_d(zd); see records.ActOut."""
+    st, st_d = _stats_of(z, norm), _stats_of(z, skip_norm)
+    impl = _backend(z.device)
+    fn = impl.bn_act_fwd if impl is not None else bn_act_fwd
+    y, mask = fn(z, st.scale, st.shift, skip, None if st_d is None else st_d.scale,
+                 None if st_d is None else st_d.shift, factor, relu, write_mask)
+    return ActOut(y, mask, st, st_d)
+
+
+def _flat_head(a: BwdArgs) -> tuple:
+    """The arguments bn_act_bwd, its reduce and its apply half share, flat."""
+    st, sd = a.stats, a.stats_d
+    return (a.dy, a.z, st.mean, st.rstd, st.scale, st.shift, a.mask, a.mask_mode, a.factor,
+            a.skip_mode, a.zd, None if sd is None else sd.mean, None if sd is None else sd.rstd)
+
+
+def run_bn_act_bwd(a: BwdArgs, need_sums: bool) -> BwdOut:
+    """Backward of bn_act_fwd for one BN (and the projection BN when skip_mode == 2)."""
+    impl = _backend(a.z.device)
+    fn = impl.bn_act_bwd if impl is not None else bn_act_bwd
+    scale_d = None if a.stats_d is None else a.stats_d.scale
+    return BwdOut(*fn(*_flat_head(a), scale_d, a.batch_stats, a.batch_stats_d, need_sums,
+                      a.dz_add))
+
+
+def run_bn_act_bwd_reduce(a: BwdArgs) -> Tensor:
+    """The per-channel sums of the backward, [2 or 4, C]."""
+    impl = _backend(a.z.device)
+    fn = impl.bn_act_bwd_reduce if impl is not None else bn_act_bwd_reduce
+    return fn(*_flat_head(a))
+
+
+def run_bn_act_bwd_apply(a: BwdArgs, mean_sums: Tensor) -> tuple[Tensor, Tensor]:
+    """(dz, dskip) of the backward given the per-channel means of its sums."""
+    impl = _backend(a.z.device)
+    fn = impl.bn_act_bwd_apply if impl is not None else bn_act_bwd_apply
+    scale_d = None if a.stats_d is None else a.stats_d.scale
+    return tuple(fn(*_flat_head(a), scale_d, a.batch_stats, a.batch_stats_d, a.dz_add,
+                    mean_sums))

@@ -1,0 +1,376 @@
+"""From modules to a checked BlockSpec: argument checking, and the plan cache.
+
+A fused block's call derives a lot from its modules before any kernel runs: which norm is
+in which mode, the conv hyper-parameters, the autocast dtype, whether autograd is needed,
+and every check of shapes, dtypes and devices. All of that depends only on a short list
+of facts (``_key``): the input's shape, dtype, device and layout, grad mode, autocast, each
+norm's training flag, momentum, eps and track_running_stats, and each tensor's identity,
+dtype, device and requires_grad. A block module keeps its last BlockPlan with that key
+and rebuilds it only when the key changes, so a changed module is picked up on the next
+call (new weights, ``.eval()``, ``.half()``, ``.to(channels_last)``, a new momentum or
+eps) while an unchanged one costs a tuple comparison. Checks run when a plan is built, so
+an error comes before any kernel runs and leaves every statistic untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
+from .records import BNParams
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NO_NORM = BNParams(None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------
+# Reading a norm layer
+# --------------------------------------------------------------------------------------
+
+
+def read_norm(bn: nn.Module) -> tuple[BNSpec, BNParams]:
+    """How a norm layer behaves in this call and the tensors it reads, as nn.BatchNorm2d
+    decides them (torch/nn/modules/batchnorm.py): batch statistics in training, or in eval
+    when it has no running buffers; running buffers updated only in training with
+    track_running_stats; a frozen batch norm (torchvision's FrozenBatchNorm2d: running
+    statistics, no momentum) always in eval."""
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        p, b = bn._parameters, bn._buffers
+        rm, rv = b.get("running_mean"), b.get("running_var")
+        training = bn.training
+        # as _BatchNorm.forward: eval normalises with the buffers whenever they exist,
+        # even after track_running_stats was switched off
+        batch_stats = training or (rm is None and rv is None)
+        update = training and bn.track_running_stats and rm is not None
+        spec = BNSpec(batch_stats=batch_stats, update=update,
+                      momentum=None if bn.momentum is None else float(bn.momentum),
+                      eps=float(bn.eps))
+        keep_running = update or not batch_stats
+        return spec, BNParams(p.get("weight"), p.get("bias"),
+                              rm if keep_running else None, rv if keep_running else None,
+                              b.get("num_batches_tracked") if update else None)
+    b = getattr(bn, "_buffers", {})
+    if all(b.get(a) is not None for a in ("weight", "bias", "running_mean", "running_var")) \
+            and hasattr(bn, "eps"):
+        return (BNSpec(False, False, None, float(bn.eps)),
+                BNParams(b["weight"], b["bias"], b["running_mean"], b["running_var"], None))
+    raise TypeError(f"norm layer must be a BatchNorm2d or FrozenBatchNorm2d, got {type(bn).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------
+
+
+def _conv_out_hw(h: int, w: int, conv: nn.Conv2d):
+    kh, kw = conv.weight.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _pool_out_hw(h: int, w: int, k: int):
+    if k == 0:
+        return h, w
+    return (-(-(h - k) // k) + 1, -(-(w - k) // k) + 1)
+
+
+def check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype, cast: bool):
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
+    if conv.bias is not None:
+        raise ValueError(f"{name} must have bias=False, got a bias of shape {tuple(conv.bias.shape)}")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"{name} must use explicit zero padding, got padding={conv.padding!r}, "
+                         f"padding_mode={conv.padding_mode!r}")
+    w = conv.weight
+    if w.device != x.device:
+        raise ValueError(f"{name}.weight must be on {x.device} like x, got {w.device}")
+    if w.shape[1] * conv.groups != c_in:
+        raise ValueError(f"{name} expects {w.shape[1] * conv.groups} input channels, "
+                         f"got an input with {c_in}")
+    if w.dtype != act_dtype and not (cast and w.is_floating_point()):
+        raise TypeError(f"{name}.weight must have dtype {act_dtype} like x, got {w.dtype}")
+
+
+def check_norm(name: str, p: BNParams, c: int, x: Tensor, act_dtype: torch.dtype,
+               spec: BNSpec, in_size: tuple):
+    """``p``: the norm's tensors as read_norm gives them."""
+    allowed = {act_dtype, torch.float32} if act_dtype in (torch.float16, torch.bfloat16) else {act_dtype}
+    for field, t in zip(("weight", "bias", "running_mean", "running_var"), p[:4]):
+        if t is None:
+            continue
+        if t.shape != (c,):
+            raise ValueError(f"{name}.{field} must have shape ({c},) to match {c} channels, "
+                             f"got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}.{field} must be on {x.device} like x, got {t.device}")
+        if t.dtype not in allowed:
+            raise TypeError(f"{name}.{field} must have dtype {' or '.join(sorted(map(str, allowed)))} "
+                            f"for {act_dtype} activations, got {t.dtype}")
+    dtypes = {t.dtype for t in p[:4] if t is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"{name}'s parameters and running statistics must share one dtype, "
+                        f"got {sorted(map(str, dtypes))}")
+    if spec.batch_stats and not spec.sync:  # synchronised: the other ranks' values count too
+        n, _, h, w = in_size
+        if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {torch.Size(in_size)}")
+
+
+def sync_specs(specs, norms, group):
+    """Mark the BNs that synchronise: batch statistics in training mode, as nn.SyncBatchNorm."""
+    if distributed.world_size(group) <= 1:
+        return specs
+    return [dataclasses.replace(s, sync=s.batch_stats and getattr(n, "training", False))
+            for s, n in zip(specs, norms)]
+
+
+# --------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one block call derived from its modules, checked: run it with ``execute``."""
+    spec: BlockSpec
+    cast: Optional[torch.dtype]  # autocast dtype of the convolutions, or None
+    grad: bool                   # through the autograd Function (else a plain forward)
+    contiguous: bool             # x is in neither layout the kernels read: copy it
+
+
+def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
+               params: Sequence[BNParams], specs: Sequence[BNSpec], downsample, preact: bool,
+               factor: Optional[Tensor], recompute: bool, cast: Optional[torch.dtype],
+               skip: bool, process_group) -> tuple[BlockPlan, list]:
+    """Check a block call and derive its plan; returns (plan, the flat tensor list)."""
+    if x.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    act = cast or x.dtype  # dtype of the convolutions and of every BN after one
+    n, c, h, w = x.shape
+    dnorm = downsample[2] if downsample is not None else None
+    group = distributed.block_group([*norms, dnorm], process_group)
+    specs = sync_specs(list(specs), norms, group)
+
+    c_cur, hw = c, (h, w)
+    if preact:
+        check_norm("norms[0]", params[0], c, x, x.dtype, specs[0], (n, c, h, w))
+    for i, conv in enumerate(convs):
+        check_conv(f"convs[{i}]", conv, c_cur, x, act, cast is not None)
+        hw = _conv_out_hw(*hw, conv)
+        c_cur = conv.weight.shape[0]
+        if not preact:
+            check_norm(f"norms[{i}]", params[i], c_cur, x, act, specs[i], (n, c_cur, *hw))
+        elif i + 1 < len(convs):
+            check_norm(f"norms[{i + 1}]", params[i + 1], c_cur, x, act, specs[i + 1],
+                       (n, c_cur, *hw))
+    proj = proj_bn_spec = None
+    pool = 0
+    wd, pd = None, _NO_NORM
+    if downsample is not None and not skip:
+        raise ValueError("skip=False (the plain form) takes no downsample, got one")
+    if downsample is not None:
+        pool, dconv, dnorm = downsample
+        check_conv("downsample conv", dconv, c, x, act, cast is not None)
+        dhw = _conv_out_hw(*_pool_out_hw(h, w, pool), dconv)
+        if dconv.weight.shape[0] != c_cur or dhw != hw:
+            raise ValueError(f"the shortcut gives [{dconv.weight.shape[0]}, {dhw[0]}, {dhw[1]}] "
+                             f"but the main path gives [{c_cur}, {hw[0]}, {hw[1]}]")
+        proj = ConvSpec.of(dconv)
+        wd = dconv.weight if cast is None else dconv.weight.to(cast)
+        if dnorm is not None:
+            proj_bn_spec, pd = read_norm(dnorm)
+            proj_bn_spec = sync_specs([proj_bn_spec], [dnorm], group)[0]
+            check_norm("downsample norm", pd, c_cur, x, act, proj_bn_spec, (n, c_cur, *hw))
+        elif not preact:
+            raise ValueError("a post-activation block's projection shortcut needs a norm layer")
+    elif skip and (c_cur != c or hw != (h, w)):
+        raise ValueError(f"identity shortcut needs the main path to keep the shape [{c}, {h}, {w}], "
+                         f"got [{c_cur}, {hw[0]}, {hw[1]}]: pass a downsample")
+    _check_factor(factor, x)
+
+    spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
+                     bns=tuple(specs), proj=proj, proj_pool=pool, proj_bn=proj_bn_spec,
+                     recompute=recompute, skip=skip,
+                     group=group if any(b.sync for b in (*specs, proj_bn_spec) if b) else None)
+    weights = [cv.weight if cast is None else cv.weight.to(cast) for cv in convs]
+    tensors = [*weights, *[t for p in params for t in p], wd, *pd]
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+        or (factor is not None and factor.requires_grad))
+    contiguous = not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    return BlockPlan(spec, cast, grad, contiguous), tensors
+
+
+def _check_factor(factor: Optional[Tensor], x: Tensor) -> None:
+    if factor is not None and (factor.shape != (x.shape[0],) or factor.device != x.device):
+        raise ValueError(f"drop_factor must have shape ({x.shape[0]},) on {x.device}, got "
+                         f"{tuple(factor.shape)} on {factor.device}")
+
+
+def execute(plan: BlockPlan, x: Tensor, factor: Optional[Tensor], tensors) -> Tensor:
+    """Run a block call whose plan (and so every check) holds for these arguments."""
+    if plan.contiguous:
+        x = x.contiguous()
+    if not plan.grad:
+        return block_forward(plan.spec, x, factor, tensors, save=False)[0]
+    return FusedResidualBlock.apply(plan.spec, x, factor, *tensors)
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev_type)
+    return None
+
+
+def _check_x(x, n_convs: int, n_norms: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
+    if n_convs not in (2, 3) or n_norms != n_convs:
+        raise ValueError(f"a block needs 2 or 3 convs and one norm per conv, got {n_convs} "
+                         f"convs and {n_norms} norms")
+
+
+def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
+                         downsample: Optional[tuple] = None, preact: bool = False,
+                         drop_factor: Optional[Tensor] = None, recompute: bool = False,
+                         skip: bool = True, process_group=None) -> Tensor:
+    """Run one residual block through the fused kernels.
+
+    Args:
+        x: [N, C, H, W] input, NCHW or channels_last (the output keeps its memory format).
+        convs: the main path's bias-free convolutions, 2 (basic) or 3 (bottleneck).
+        norms: one norm layer per conv (nn.BatchNorm2d or a subclass, or torchvision's
+            FrozenBatchNorm2d): after each conv, or before each conv when ``preact``.
+            Each follows its own training flag, momentum and eps.
+        downsample: the projection shortcut as (pool, conv, norm): ``pool`` 0 or the
+            kernel of an average pool before the conv (timm's avg_down), ``norm`` None for
+            pre-activation blocks. None for the identity shortcut.
+        preact: pre-activation (ResNet v2) block, no ReLU after the add.
+        drop_factor: optional [N] per-sample factor on the residual branch (stochastic depth).
+        recompute: recompute the inner activations in the backward instead of saving them.
+        skip: False for the plain form, the same block without its shortcut (as in the
+            plain networks of the degradation experiment); ``downsample`` must then be None.
+        process_group: synchronise the batch statistics of every norm in training mode
+            over this torch.distributed group, as nn.SyncBatchNorm does. By default the
+            norms decide: nn.SyncBatchNorm norms synchronise over their own group (all of a
+            block's norms must then be SyncBatchNorm, with one group), others do not. No
+            collective runs in eval mode or with one rank (fusedres.distributed).
+
+    Under autocast, x and the conv weights are cast to the autocast dtype here, and batch
+    norm keeps its parameters and statistics in their own dtype. Each call checks and
+    plans afresh; the fused modules cache their plan (see ``run_module``)."""
+    _check_x(x, len(convs), len(norms))
+    read = [read_norm(nm) for nm in norms]
+    specs, params = [r[0] for r in read], [r[1] for r in read]
+    cast = _autocast_dtype(x)
+    if cast is None:
+        plan, tensors = build_plan(x, convs, norms, params, specs, downsample, preact,
+                                   drop_factor, recompute, None, skip, process_group)
+        return execute(plan, x, drop_factor, tensors)
+    # As eager under autocast: convolutions in the autocast dtype, batch norm in the dtype
+    # of its input. A pre-activation block's first BN sees x itself, and its identity
+    # shortcut adds x at full precision.
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x if preact else x.to(cast)
+        plan, tensors = build_plan(xc, convs, norms, params, specs, downsample, preact,
+                                   drop_factor, recompute, cast, skip, process_group)
+        return execute(plan, xc, drop_factor, tensors)
+
+
+# --------------------------------------------------------------------------------------
+# The modules' path: the same, with the plan cached on the block
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Cached:
+    ds_key: tuple          # the downsample module and its children, by identity
+    parts: Optional[tuple]  # split_downsample of it
+    key: tuple             # everything else the plan depends on (see _key)
+    plan: BlockPlan
+
+
+#: block module -> its last _Cached plan (weak: a deleted block takes its plan with it).
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _norm_state(norm: nn.Module) -> tuple:
+    d = norm.__dict__
+    return (type(norm), d.get("training"), d.get("momentum"), d.get("eps"),
+            d.get("track_running_stats"))
+
+
+def _tensor_state(t: Optional[Tensor]):
+    # identity, and what .half() / .to() change while keeping it
+    return None if t is None else (id(t), t.dtype, t.device, t.requires_grad)
+
+
+def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[Tensor]) -> Tensor:
+    """The forward of a fused block module (fusedres.modules._FusedMixin): the modules its
+    BlockLayout names, through the block's cached plan, rebuilt whenever its key changes.
+    The tensors themselves are read afresh every call."""
+    layout = block._fused_layout
+    mods = block._modules
+    convs = [mods[n] for n in layout.convs]
+    norms = [mods[n] for n in layout.norms]
+    ds = mods.get("downsample", block.__dict__.get("downsample"))
+    if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
+        return fused_residual_block(x, convs, norms, split_downsample(ds, layout.preact),
+                                    layout.preact, factor, block.recompute)
+    _check_x(x, len(convs), len(norms))
+    cached = _PLANS.get(block)
+    ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
+    if cached is not None and cached.ds_key == ds_key:
+        parts = cached.parts
+    else:
+        parts = split_downsample(ds, layout.preact)
+        cached = None
+    read = [read_norm(nm) for nm in norms]
+    if parts is not None:
+        dread = read_norm(parts[2]) if parts[2] is not None else (None, _NO_NORM)
+        dw = parts[1]._parameters.get("weight")
+    else:
+        dread, dw = (None, _NO_NORM), None
+    conv_w = [cv._parameters.get("weight") for cv in convs]
+    cast = _autocast_dtype(x)
+    key = (x.shape, x.dtype, x.device, x.is_contiguous(),
+           x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
+           torch.is_grad_enabled(), cast, factor is None, block.recompute,
+           distributed.is_initialised(), tuple(map(_norm_state, norms)), dread[0],
+           tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
+           tuple(_tensor_state(t) for _, p in (*read, dread) for t in p))
+    if cached is not None and cached.key != key:
+        cached = None
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return _run_cached(block, cached, ds_key, parts, key, x if layout.preact else x.to(cast),
+                               convs, norms, read, dread[1], conv_w, dw, factor, cast)
+    return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, read, dread[1],
+                       conv_w, dw, factor, None)
+
+
+def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, read, dparams, conv_w, dw,
+                factor, cast):
+    layout = block._fused_layout
+    if cached is None:
+        plan, tensors = build_plan(x, convs, norms, [r[1] for r in read], [r[0] for r in read],
+                                   parts, layout.preact, factor, block.recompute, cast, True,
+                                   None)
+        _PLANS[block] = _Cached(ds_key, parts, key, plan)
+        return execute(plan, x, factor, tensors)
+    _check_factor(factor, x)
+    if cast is not None:
+        conv_w = [w.to(cast) for w in conv_w]
+        dw = dw.to(cast) if dw is not None else None
+    tensors = [*conv_w, *[t for _, p in read for t in p], dw, *dparams]
+    return execute(cached.plan, x, factor, tensors)

@@ -1,0 +1,220 @@
+"""The host path of a fused block call: no host-device synchronisation, and a cached plan
+that is rebuilt whenever the module changes (issue: host path).
+
+Run with TRITON_INTERPRET=1 so that the Triton launchers run; the plan tests also hold
+on the reference backend.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedres
+from fusedres import plan as plan_mod
+from fusedres import reference as R
+
+from checks import HAS_CUDA, INTERPRET, TRITON_DEVICES
+
+# What a host-device synchronisation, or a tensor made for a Python scalar, looks like to
+# a user of the profiler or of a dispatch mode.
+FORBIDDEN = {"aten._local_scalar_dense.default", "aten.item.default",
+             "aten.lift_fresh.default", "aten.scalar_tensor.default"}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _randomize(block: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return block
+
+
+BLOCKS = {
+    "basic": lambda: R.BasicBlock(8, 8),
+    "bottleneck_proj": lambda: R.Bottleneck(8, 4, stride=2, downsample=R.projection(8, 16, 2)),
+    "preact": lambda: R.PreActBasicBlock(8, 16, stride=2),
+}
+
+
+def _pair(name: str, device: str):
+    torch.manual_seed(0)
+    ref = _randomize(BLOCKS[name]()).to(device).double()
+    return ref, fusedres.convert(copy.deepcopy(ref))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_no_host_device_sync(device, name, momentum):
+    _, fused = _pair(name, device)
+    for m in fused.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    x = torch.randn(2, 8, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+    with fusedres.use_backend("triton"):
+        fused(x)  # first call: the plan is built (host-side checks only, no sync either)
+        with _Ops() as ops:
+            fused.train()
+            fused(x).sum().backward()
+            fused.eval()
+            with torch.no_grad():
+                fused(x)
+            fused(x).sum().backward()  # eval with gradients: frozen statistics
+    bad = sorted(set(ops.seen) & FORBIDDEN)
+    assert not bad, f"host-device synchronisation or scalar tensors: {bad}"
+    assert any("convolution" in s for s in ops.seen), "the dispatch mode saw nothing"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_no_sync_with_cuda_sync_debug_mode():
+    _, fused = _pair("bottleneck_proj", "cuda")
+    fused = fused.float()
+    x = torch.randn(4, 8, 8, 8, device="cuda", requires_grad=True)
+    fused(x).sum().backward()  # compile the kernels first (that may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused(x).sum().backward()
+        fused.eval()
+        with torch.no_grad():
+            fused(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------------
+# The plan cache
+# --------------------------------------------------------------------------------------
+
+
+def _plan(block):
+    cached = plan_mod._PLANS.get(block)
+    return None if cached is None else cached.plan
+
+
+def _check_same(ref, fused, x, train=None, tol=None):
+    """Outputs, input gradients and buffers agree; ``train`` None leaves the modes alone."""
+    if train is not None:
+        ref.train(train)
+        fused.train(train)
+    xr = x.clone().requires_grad_(True)
+    xf = x.clone().requires_grad_(True)
+    out_r, out_f = ref(xr), fused(xf)
+    if tol is None:
+        tol = 1e-9 if x.dtype == torch.float64 else 3e-2
+    tol = dict(rtol=tol, atol=tol)
+    torch.testing.assert_close(out_f, out_r, **tol)
+    out_r.sum().backward()
+    out_f.sum().backward()
+    torch.testing.assert_close(xf.grad, xr.grad, **tol)
+    for (n, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(b, a, **tol, msg=n)
+
+
+CHANGES = {
+    "new weights (load_state_dict)": lambda b: b.load_state_dict(
+        {k: (v + 0.1 if v.is_floating_point() else v) for k, v in b.state_dict().items()}),
+    "a new Parameter": lambda b: setattr(b.conv1, "weight",
+                                         nn.Parameter(b.conv1.weight.detach() * 1.5)),
+    "eval()": lambda b: b.eval(),
+    "a frozen BN (bn1.eval())": lambda b: b.bn1.eval(),
+    "new momentum": lambda b: setattr(b.bn2, "momentum", 0.5),
+    "momentum None": lambda b: setattr(b.bn1, "momentum", None),
+    "new eps": lambda b: setattr(b.bn1, "eps", 0.3),
+    "track_running_stats off": lambda b: setattr(b.bn1, "track_running_stats", False),
+    "requires_grad off": lambda b: b.conv2.weight.requires_grad_(False),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_plan_rebuilt_after_module_change(change):
+    torch.manual_seed(0)
+    ref, fused = _pair("basic", "cpu")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    _check_same(ref, fused, x, train=True)
+    before = _plan(fused)
+    assert before is not None, "the module path cached no plan"
+    _check_same(ref, fused, x, train=True)
+    assert _plan(fused) is before, "an unchanged block rebuilt its plan"
+    CHANGES[change](ref)
+    CHANGES[change](fused)
+    _check_same(ref, fused, x)
+    assert _plan(fused) is not before or change.startswith("new weights"), \
+        f"the plan was not rebuilt after {change}"
+    if change.startswith("new weights"):  # same tensors, same plan, new values
+        assert _plan(fused) is before
+
+
+def test_plan_rebuilt_after_dtype_and_layout_changes():
+    torch.manual_seed(0)
+    ref, fused = _pair("bottleneck_proj", "cpu")
+    ref, fused = ref.float(), fused.float()
+    x = torch.randn(2, 8, 4, 4)
+    _check_same(ref, fused, x, train=True)
+    p0 = _plan(fused)
+    ref.to(memory_format=torch.channels_last)
+    fused.to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    _check_same(ref, fused, xc, train=True)
+    with torch.no_grad():
+        fused.eval()
+        assert fused(xc).is_contiguous(memory_format=torch.channels_last)
+    p1 = _plan(fused)
+    assert p1 is not p0, "a channels_last input did not rebuild the plan"
+    fused.double()  # .double() keeps each Parameter's identity and changes its dtype
+    ref.double()
+    # (statistics from float32 training steps: agree to float32 rounding)
+    _check_same(ref, fused, x.double(), train=False, tol=1e-5)
+    assert _plan(fused) is not p1, "a dtype change did not rebuild the plan"
+    # a wrong-dtype input after the change is refused before any kernel runs
+    stats = {n: b.clone() for n, b in fused.named_buffers()}
+    fused.train()
+    with pytest.raises(TypeError):
+        fused(x)  # float32 input, float64 block
+    for n, b in fused.named_buffers():
+        assert torch.equal(b, stats[n]), f"{n} changed by a failed call"
+
+
+def test_plan_follows_grad_mode_and_input_shape():
+    torch.manual_seed(0)
+    ref, fused = _pair("basic", "cpu")
+    fused.train()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        fused(x)
+    p0 = _plan(fused)
+    assert not p0.grad
+    fused(x.requires_grad_(True)).sum().backward()
+    assert _plan(fused).grad
+    one = torch.randn(1, 8, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(one)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
+def test_cached_plan_runs_the_triton_kernels():
+    from checks import triton_ran
+    ref, fused = _pair("basic", "cpu")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    with fusedres.use_backend("triton"):
+        _check_same(ref, fused, x, train=True)   # builds the plan
+        with triton_ran("_bn_act_fwd_kernel"):
+            _check_same(ref, fused, x, train=True)  # runs the cached one
