@@ -142,7 +142,7 @@ class CsrcOps:
                    factor: Optional[Tensor], relu: bool, write_mask: bool):
         # eval mode: the extension takes scale and shift, derived here as the reference does
         sdt = torch.float64 if z.dtype == torch.float64 else torch.float32
-        stats = skip_stats = z.new_empty((0,), dtype=sdt)
+        stats, skip_stats = z.new_empty((0,), dtype=sdt), z.new_empty((0,), dtype=sdt)
         if scale is None:
             stats = running_stats(weight, bias, running_mean, running_var, eps, sdt)
             scale, shift = stats[2], stats[3]

@@ -156,8 +156,7 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     Returns (y, packed ReLU mask or an empty uint8 tensor, stats, skip_stats): the [4, C]
     running_stats derived in eval mode, else empty tensors."""
     sdt = stats_dtype(z)
-    empty = z.new_empty((0,), dtype=sdt)
-    stats = skip_stats = empty
+    stats, skip_stats = z.new_empty((0,), dtype=sdt), z.new_empty((0,), dtype=sdt)
     if scale is None:
         stats = running_stats(weight, bias, running_mean, running_var, eps, sdt)
         scale, shift = stats[2], stats[3]

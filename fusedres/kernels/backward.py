@@ -30,7 +30,7 @@ from ..layout import is_channels_last, stats_dtype
 from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, load_tile,
                       mask_sample_base, program_tile, relu_grad, relu_keep, store_tile,
                       unpack_bits)
-from .config import tile_config
+from .config import SAMPLE_COUNTS, tile_config
 from .launch import (acc_dtype, as_dtype, counters, in_layout, launch, num_sms, scratch,
                      shape3)
 
@@ -50,7 +50,7 @@ def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_
     return tl.where(valid, relu_grad(dy, keep | no_relu), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_act_bwd_reduce_kernel(
     dy_ptr,          # [N, C, H, W] gradient of the epilogue's output
     z_ptr,           # [N, C, H, W] conv output the BN normalised
@@ -148,7 +148,7 @@ def _sum_partials(part_ptr, sums_ptr, k, P, C, c, cmask, BLOCK_P: tl.constexpr,
     tl.store(sums_ptr + k * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_act_bwd_apply_kernel(
     dy_ptr,          # [N, C, H, W]
     z_ptr,           # [N, C, H, W]

@@ -35,6 +35,10 @@ PROGRAMS_PER_SM = {"stats": 3, "reduce": 3, "elementwise": 8}
 # An explicit .maxnreg at the hardware limit: without one, ptxas sometimes caps a kernel at
 # 64 registers and spills a few bytes rather than use the 92 it needs.
 MAX_REGISTERS = 255
+# Kernel arguments Triton's JIT must not specialise (16-divisibility, == 1): the batch, the
+# samples per program and the number of partials change no address alignment, and each
+# specialisation is one more variant to build at run time (and in the compile report).
+SAMPLE_COUNTS = ("N", "N_PER_PROG", "P")
 MERGE_ELEMENTS = 2048         # [BLOCK_P, BLOCK_C] partials the merging program loads at once
 INTERPRET_TILE_ELEMENTS = 1 << 16
 

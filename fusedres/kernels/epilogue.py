@@ -25,7 +25,7 @@ from ..layout import is_channels_last, mask_shape, stats_dtype
 from ..reference import running_stats
 from .bn_math import (bn_apply, load_tile, mask_sample_base, program_tile, relu, relu_keep,
                       store_bits, store_tile)
-from .config import tile_config
+from .config import SAMPLE_COUNTS, tile_config
 from .launch import acc_dtype, as_dtype, in_layout, launch, num_sms, scratch, shape3
 
 Tensor = torch.Tensor
@@ -60,7 +60,7 @@ def norm_coefficients(c, cmask, write, scale_ptr, shift_ptr, weight_ptr, bias_pt
     return scale[:, None], shift[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_act_fwd_kernel(
     z_ptr,           # [N, C, H, W] conv output
     y_ptr,           # [N, C, H, W] out, same layout and dtype as z
@@ -186,17 +186,14 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                                                   skip_running_var, C)
     else:
         side, side_flags, skip_stats = main, (0, 0, 0), None
-    empty = None
-    if stats is None or skip_stats is None:
-        empty = z.new_empty((0,), dtype=sdt)
     if z.numel() == 0:  # (rare: no launch, torch ops derive what eval mode returns)
         for out, args in ((stats, (weight, bias, running_mean, running_var, eps)),
                           (skip_stats, (skip_weight, skip_bias, skip_running_mean,
                                         skip_running_var, skip_eps))):
             if out is not None:
                 out.copy_(running_stats(*args, sdt))
-        return (y, mask, stats if stats is not None else empty,
-                skip_stats if skip_stats is not None else empty)
+        return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
+                skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))
     factor = as_dtype(factor, z.dtype)
     cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
                       z.element_size())
@@ -207,5 +204,5 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
            int(factor is not None), int(relu), int(write_mask),
            SKIP=skip_mode, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
            NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
-    return (y, mask, stats if stats is not None else empty,
-            skip_stats if skip_stats is not None else empty)
+    return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
+            skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))

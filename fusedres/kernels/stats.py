@@ -31,7 +31,7 @@ import triton.language as tl
 from . import config
 from ..layout import is_channels_last, stats_dtype
 from .bn_math import chan_combine, load_tile, program_tile, sample_base, welford_update
-from .config import NUM_WARPS, finalize_config, tile_config
+from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
 from .launch import (acc_dtype, counters, hi_lo, in_layout, launch, num_sms, scratch,
                      shape3)
 
@@ -91,7 +91,7 @@ def count_batch(counter_ptr, n_blocks, nbt_ptr, count):
             tl.atomic_xchg(counter_ptr, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_stats_partial_kernel(
     x_ptr,             # [N, C, H, W] conv output, NCHW or channels_last
     part_ptr,          # [2, P, C] scratch: (mean, M2) of each program's partial
@@ -199,7 +199,7 @@ def _merge_chunk(n_acc, mean_acc, m2_acc, cnt, pm, pq, m):
     return chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("R",))
 def _bn_stats_finalize_kernel(
     moments_ptr,       # [R, 3, C] every rank's (count, mean, M2)
     counter_ptr,       # [1] int32, zero; left zero
