@@ -66,12 +66,13 @@ def _bn_act_bwd_reduce_kernel(
     part_ptr,        # [K, P, C] scratch: partial sums g_b, g_b*xhat[, g, g*xhat_d]
     counter_ptr,     # [channel blocks] int32, zero; left zero
     sums_ptr,        # [K, C] out: the sums
-    N, C, HW, P,
+    N, C, HW_Q, P,   # HW_Q = H*W / HW_VEC
     N_PER_PROG,
     no_relu,         # mask_mode 0: no ReLU to go through
     has_factor,
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
     SKIP_BN: tl.constexpr,     # also reduce for the projection BN
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -79,6 +80,7 @@ def _bn_act_bwd_reduce_kernel(
     NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
@@ -167,7 +169,7 @@ def _bn_act_bwd_apply_kernel(
     dz_ptr,          # [N, C, H, W] out
     dskip_ptr,       # [N, C, H, W] out: g (SKIP 1) or dzd (SKIP 2)
     inv_count,       # 1/M
-    N, C, HW,
+    N, C, HW_Q,      # H*W / HW_VEC
     N_PER_PROG,
     no_relu,         # mask_mode 0: no ReLU to go through
     has_factor,
@@ -176,12 +178,14 @@ def _bn_act_bwd_apply_kernel(
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
     SKIP: tl.constexpr,        # 0 none, 1 write dskip = g, 2 write dzd
     HAS_DZ_ADD: tl.constexpr,  # add dz_add to dz (a load in the loop: a constexpr)
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
@@ -252,10 +256,11 @@ def _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, sk
            mask if mask_mode == 2 else scratch(dev, torch.uint8),
            factor if factor is not None else z,
            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
-           part, counters(dev, cfg.grid[1]), sums, N, C, HW, P, cfg.N_PER_PROG,
+           part, counters(dev, cfg.grid[1]), sums, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG,
            int(mask_mode == 0), int(factor is not None),
-           FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
-           BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P, NUM_STAGES=cfg.num_stages,
+           FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
+           BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
+           NUM_STAGES=cfg.num_stages,
            ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
     return sums
 
@@ -280,11 +285,11 @@ def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, ski
            sums if sums is not None and sums.numel() else mean,
            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
            scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
-           dz, dskip if skip_mode else dz, inv_count, N, C, HW, cfg.N_PER_PROG,
+           dz, dskip if skip_mode else dz, inv_count, N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG,
            int(mask_mode == 0), int(factor is not None), int(batch_stats),
            int(skip_bn and batch_stats_d),
            FROM_BITS=mask_mode == 2, SKIP=skip_mode, HAS_DZ_ADD=dz_add is not None,
-           CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
            NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
     return dz, dskip
 

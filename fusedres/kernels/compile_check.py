@@ -152,15 +152,10 @@ def _site_launches(site: Site, N: int, dtype: str, cl: bool, sms: int) -> dict:
     skip_norm = site.role == "projection"
     write_mask = site.role != "inner"
     try:
-        passes = {}
-        if site.role != "downsample":
-            passes["stats"] = _record(lambda: bn_stats(z, p["weight"], p["bias"], p["running_mean"],
-                                                       p["running_var"], nbt, 0.1, 1e-5))
-        else:  # its epilogue and backward are the projection site's
-            passes["stats"] = _record(lambda: bn_stats(z, p["weight"], p["bias"], p["running_mean"],
-                                                       p["running_var"], nbt, 0.1, 1e-5))
+        passes = {"stats": _record(lambda: bn_stats(z, p["weight"], p["bias"], p["running_mean"],
+                                                    p["running_var"], nbt, 0.1, 1e-5))}
+        if site.role == "downsample":  # its epilogue and backward are the projection site's
             return passes
-        sk = dict(skip_scale=vec() if skip_norm else None, skip_shift=vec() if skip_norm else None)
 
         def fwd(train):
             s = (vec(), vec()) if train else (None, None)
@@ -179,7 +174,6 @@ def _site_launches(site: Site, N: int, dtype: str, cl: bool, sms: int) -> dict:
             dy, z, vec(), vec(), vec(), vec(), mask, 2 if write_mask else 1, None, mode, zd,
             vec() if skip_norm else None, vec() if skip_norm else None,
             vec() if skip_norm else None, True, skip_norm, True, None))
-        del sk
         return passes
     finally:
         config.META_SMS = saved
@@ -296,7 +290,7 @@ def ptx_accesses(ptx: str) -> dict:
             cur = (files.get(m.group(1), ""), int(m.group(2))) if m else None
             continue
         s = re.sub(r"^@!?%\w+\s+", "", s)
-        if not (s.startswith("ld.global") or s.startswith("st.global") or s.startswith("cp.async.")):
+        if not s.startswith(("ld.global", "st.global", "cp.async.")):
             continue
         if s.startswith("cp.async.") and not ("shared.global" in s):
             continue
@@ -313,7 +307,8 @@ def pipelining(ttgir: str) -> int:
     the async copies fill (stages - 1); 0 without cp.async."""
     if "async_copy_global_to_local" not in ttgir:
         return 0
-    depths = [int(d) for d in re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x", ttgir)]
+    depths = [int(d) for d in
+              re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x", ttgir)]
     return max(depths) if depths else 1
 
 
@@ -526,13 +521,16 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--subset-arch", type=int, action="append", default=[],
                     help="build this arch only for the batch-256 bf16 channels_last launches")
+    ap.add_argument("--config", action="append", choices=[c[0] for c in CONFIGS],
+                    help="storage configurations (all three by default)")
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--json", help="write every row to this file")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: compilation needs real JIT functions", file=sys.stderr)
         return 2
-    rows = report(tuple(a.batch or (32, 256)), tuple(a.arch or (90, 80)), jobs=a.jobs,
+    configs = tuple(c for c in CONFIGS if not a.config or c[0] in a.config)
+    rows = report(tuple(a.batch or (32, 256)), tuple(a.arch or (90, 80)), configs, jobs=a.jobs,
                   subset_archs=tuple(a.subset_arch))
     print_report(rows, full=not a.summary_only)
     if a.json:

@@ -25,10 +25,10 @@ from typing import NamedTuple
 
 NUM_WARPS = 8
 NUM_STAGES = 4                # cp.async buffers per loaded tensor: 3 tiles in flight
-# Elements per thread of one tile: the statistics kernel keeps two fp32 accumulators per
-# element and little else, the backward reduction two (four with a projection BN), the
-# elementwise passes none.
-ELEMENTS_PER_THREAD = {"stats": 8, "reduce": 8, "elementwise": 8}
+# Bytes per thread of one tensor's tile: one 16-byte vector access per thread and tensor
+# per sample (8 bf16, 4 fp32, 2 fp64 elements), so every tile costs the same registers per
+# byte and fp32 tiles leave room for more resident programs.
+TILE_BYTES_PER_THREAD = 16
 # Programs per SM the grid aims at: reductions one wave of what is resident (fewer
 # partials), elementwise kernels a few waves (even tails).
 PROGRAMS_PER_SM = {"stats": 3, "reduce": 3, "elementwise": 8}
@@ -67,6 +67,7 @@ class TileConfig(NamedTuple):
     num_stages: int
     grid: tuple        # (position blocks x sample chunks, channel blocks)
     BLOCK_P: int       # partials the merging program loads at once (reductions)
+    HW_VEC: int        # H*W is passed as H*W / HW_VEC (NCHW: the vector width rows allow)
 
     @property
     def num_programs(self) -> int:
@@ -103,8 +104,8 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, kind: str, num_sms
     """Pick the tile and grid for a [N, C, HW] activation.
 
     ``kind``: "stats" (statistics), "reduce" (backward sums) or "elementwise";
-    ``itemsize``: bytes per stored element (fp64 takes half-size tiles, since its
-    registers are twice as many per element). The contiguous axis (positions for NCHW,
+    ``itemsize``: bytes per stored element (the tile holds TILE_BYTES_PER_THREAD of them
+    per thread). The contiguous axis (positions for NCHW,
     channels for channels_last) gets the wide side of the tile, at least 8 so the ReLU
     bits pack into whole bytes.
     """
@@ -122,7 +123,7 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, kind: str, num_sms
         n_per_prog = max(1, N)
         stages = 1
     else:
-        tile = ELEMENTS_PER_THREAD[kind] * 32 * NUM_WARPS // (2 if itemsize == 8 else 1)
+        tile = TILE_BYTES_PER_THREAD // itemsize * 32 * NUM_WARPS
         if channels_last:
             block_c = _contiguous_width(C)
             block_hw = max(1, tile // block_c)
@@ -132,11 +133,17 @@ def tile_config(N: int, C: int, HW: int, channels_last: bool, kind: str, num_sms
         base = max(1, cdiv(HW, block_hw) * cdiv(C, block_c))
         chunks = max(1, min(N, cdiv(PROGRAMS_PER_SM[kind] * num_sms, base)))
         n_per_prog = cdiv(max(N, 1), chunks)
-        stages = NUM_STAGES
+        # Rows the compiler cannot vectorise (NCHW 7x7: 49 positions) load element by
+        # element, an address register each: fewer programs fit, so more stages make up.
+        vector = (C if channels_last else HW) % max(1, 8 // itemsize) == 0
+        stages = NUM_STAGES if vector else NUM_STAGES + 2
     n_chunks = cdiv(max(N, 1), n_per_prog)
     grid = (cdiv(HW, block_hw) * n_chunks, cdiv(C, block_c))
     block_p = max(1, min(pow2(grid[0]), MERGE_ELEMENTS // block_c)) if kind != "elementwise" else 1
-    return TileConfig(block_c, block_hw, n_per_prog, NUM_WARPS, stages, grid, block_p)
+    # NCHW rows start at multiples of HW: the largest power of two (<= 16) dividing it lets
+    # the compiler vectorise along positions; channels_last needs none (C is the stride).
+    hw_vec = 1 if channels_last or HW == 0 else min(16, HW & -HW)
+    return TileConfig(block_c, block_hw, n_per_prog, NUM_WARPS, stages, grid, block_p, hw_vec)
 
 
 @functools.lru_cache(maxsize=256)

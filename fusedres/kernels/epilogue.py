@@ -81,7 +81,7 @@ def _bn_act_fwd_kernel(
     skip_stats_ptr,
     factor_ptr,      # [N] per-sample branch factor (has_factor)
     mask_ptr,        # packed ReLU bits (write_mask): [N, C, ceil(HW/8)] or [N, HW, ceil(C/8)]
-    N, C, HW,
+    N, C, HW_Q,      # H*W / HW_VEC
     N_PER_PROG,
     eps,
     skip_eps,
@@ -95,6 +95,7 @@ def _bn_act_fwd_kernel(
     do_relu,
     write_mask,
     SKIP: tl.constexpr,          # 0 none, 1 tensor, 2 normalised tensor
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -104,6 +105,7 @@ def _bn_act_fwd_kernel(
     # Cheap flags are run-time scalars (a switched-off operand is a predicated-off load that
     # moves no bytes); only SKIP, which changes what the loop loads, is a constexpr. That
     # keeps the variants few.
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
@@ -200,9 +202,9 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     launch(_bn_act_fwd_kernel, cfg.grid, z, y, *main, skip if skip is not None else z,
            *side, factor if factor is not None else z,
            mask if write_mask else scratch(dev, torch.uint8),
-           N, C, HW, cfg.N_PER_PROG, float(eps), float(skip_eps), *main_flags, *side_flags,
-           int(factor is not None), int(relu), int(write_mask),
-           SKIP=skip_mode, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
-           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
+           N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps), *main_flags,
+           *side_flags, int(factor is not None), int(relu), int(write_mask),
+           SKIP=skip_mode, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
+           BLOCK_HW=cfg.BLOCK_HW, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
     return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
             skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))

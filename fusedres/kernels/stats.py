@@ -102,7 +102,7 @@ def _bn_stats_partial_kernel(
     running_var_ptr,   # [C] updated in place (update_running)
     nbt_ptr,           # num_batches_tracked (cumulative or count)
     out_ptr,           # out: [4, C] (mean, rstd, scale, shift), or [3, C] (count, mean, M2)
-    N, C, HW, P,
+    N, C, HW_Q, P,   # HW_Q = H*W / HW_VEC
     N_PER_PROG,        # samples per program along the partial axis
     momentum,          # running-stat factor when not cumulative, as fp32 hi + lo
     momentum_lo,
@@ -113,6 +113,7 @@ def _bn_stats_partial_kernel(
     cumulative,        # momentum=None: factor 1/num_batches_tracked, read on the device
     count,             # count the batch in num_batches_tracked
     write_moments,     # bn_moments: store (count, mean, M2), nothing else
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -120,6 +121,7 @@ def _bn_stats_partial_kernel(
     NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,   # fp32, or fp64 for fp64 storage
 ):
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     pid_p = tl.program_id(0)
@@ -284,9 +286,9 @@ def _stats_launch(x: Tensor, out: Tensor, bn_args, flags, write_moments: bool):
     P = cfg.grid[0]
     part = torch.empty((2, P, C), device=dev, dtype=out.dtype)
     launch(_bn_stats_partial_kernel, cfg.grid, x, part, counters(dev, cfg.grid[1] + 1),
-           *bn_args, N, C, HW, P, cfg.N_PER_PROG, *flags, int(write_moments),
-           CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
-           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), num_warps=cfg.num_warps)
+           *bn_args, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(write_moments),
+           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+           BLOCK_P=cfg.BLOCK_P, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), num_warps=cfg.num_warps)
 
 
 def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
