@@ -85,6 +85,7 @@ def count_batch(counter_ptr, n_blocks, nbt_ptr, count):
     block) takes a ticket after it has read num_batches_tracked, and the last one counts
     the batch and resets the ticket."""
     if count != 0:
+        tl.debug_barrier()  # every thread's read of num_batches_tracked before the release
         done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if done == n_blocks - 1:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
