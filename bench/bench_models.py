@@ -6,9 +6,15 @@ usually does); ``bf16`` holds bf16 weights and activations with fp32 batch norms
 casts per step); ``fp32`` is fp32 throughout (cuDNN's default TF32 convolutions). The fused model is fusedres.convert(model)
 when that exists, else torchvision's ResNet built with the fused blocks; either way it
 starts from the eager model's state_dict.
+
+Inference only: ``folded`` is fusedres.fold_for_inference of the eager model (batch norms
+folded into the convs), tuned on the benchmark's input under the same autocast; and
+``compile_freezing`` is torch.compile with ``torch._inductor.config.freezing = True``,
+Inductor's own conv-BN folding, as a reference.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import os
@@ -27,6 +33,7 @@ torchvision = pytest.importorskip("torchvision")
 PROFILE = benchlib.profile()
 COMPILE_TRAIN = os.environ.get("FUSEDRES_BENCH_COMPILE_TRAIN", "0") not in ("", "0")
 MODES = ["train_step", "inference"]
+INFERENCE_ONLY = ("folded", "compile_freezing")
 LAYERS = {"resnet18": ("FusedBasicBlock", [2, 2, 2, 2]),
           "resnet50": ("FusedBottleneck", [3, 4, 6, 3])}
 # Relative error of the logits against eager above which a result is flagged.
@@ -37,26 +44,33 @@ if PROFILE == "cpu":
     # 48x48 images: at 32x32 the last stage normalises 2 values per channel at batch 2,
     # and bf16 rounding alone moves the logits by half their norm.
     CONFIGS = [("fp32", "nchw", 2), ("bf16", "cl", 2), ("amp", "cl", 2)]  # dtype, layout, N
-    PROVIDERS = ["eager", "fused", "fused_recompute", "csrc_ref"]
+    PROVIDERS = ["eager", "fused", "fused_recompute", "csrc_ref", "folded"]
     IMAGE = 48
     WARMUP, ROUNDS = 0, 1
 elif PROFILE == "gpu-quick":
     MODELS = ["resnet50"]
     CONFIGS = [("amp", "cl", 256), ("bf16", "cl", 256)]
-    PROVIDERS = ["eager", "fused", "compile"]
+    PROVIDERS = ["eager", "fused", "folded", "compile", "compile_freezing"]
     IMAGE = 224
     WARMUP, ROUNDS = 3, 10
 else:
     MODELS = ["resnet18", "resnet50"]
     CONFIGS = [("amp", "cl", 256), ("bf16", "cl", 256), ("amp", "nchw", 256),
                ("fp32", "cl", 256), ("fp32", "nchw", 256), ("amp", "cl", 128)]
-    PROVIDERS = ["eager", "compile", "fused", "fused_recompute", "csrc_ref"]
+    PROVIDERS = ["eager", "compile", "fused", "fused_recompute", "csrc_ref", "folded",
+                 "compile_freezing"]
     IMAGE = 224
     WARMUP, ROUNDS = 3, 20
 
 def _selected(mode, config, provider) -> bool:
     if provider == "fused_recompute" and mode == "inference":
         return False
+    if provider in INFERENCE_ONLY and mode != "inference":
+        return False
+    if PROFILE == "cpu" and provider == "folded":
+        return True  # plain torch convolutions on the CPU: cheap in every precision
+    if PROFILE == "gpu-quick" and provider == "compile_freezing":
+        return config[0] == "amp"  # one compile, as for "compile"
     if PROFILE == "cpu" and config[0] != "fp32":
         # A CPU figure is a harness check: all providers once, the precisions once each.
         return provider == ("fused" if config[0] == "amp" else "eager") or provider == "fused"
@@ -69,9 +83,13 @@ def _selected(mode, config, provider) -> bool:
     return True
 
 
-PARAMS = [pytest.param(name, mode, cfg, prov, id=f"{name}-{mode}-{cfg[0]}-{cfg[1]}-N{cfg[2]}-{prov}")
+PARAMS = [pytest.param(name, mode, cfg, prov, id=f"{name}-{mode}-{cfg[0]}-{cfg[1]}-N{cfg[2]}-{prov}",
+                       marks=[pytest.mark.compile] if prov == "compile_freezing" else [])
           for name in MODELS for mode in MODES for cfg in CONFIGS for prov in PROVIDERS
           if _selected(mode, cfg, prov)]
+# Freezing compiles are slow: after every other case but the "compile" ones (which
+# conftest.py moves last), so a run cut off by a timeout loses only compile figures.
+PARAMS.sort(key=lambda p: p.values[3] == "compile_freezing")
 
 
 def _convert_fn():
@@ -125,12 +143,37 @@ def test_model(benchmark, name, mode, config, provider):
         ref = place(eager, dtype, layout)
     else:
         ref = place(eager, dtype, layout)
-        module = torch.compile(ref) if provider == "compile" else ref
+        module = torch.compile(ref) if provider in ("compile", "compile_freezing") else ref
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     x = torch.randn(batch, 3, IMAGE, IMAGE, device=benchlib.DEVICE, dtype=DTYPES[dtype])
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=benchlib.DEVICE)
     amp = dtype == "amp"
+    if provider == "folded":
+        module, via = folded_model(ref, x, amp)
+    with contextlib.ExitStack() as stack:
+        if provider == "compile_freezing":
+            # Inductor folds conv + BN only with freezing on; it compiles at the first call.
+            import torch._inductor.config as inductor_config
+            stack.enter_context(inductor_config.patch(freezing=True))
+            via = "torch.compile, inductor freezing=True"
+        _run_model(benchmark, name, mode, dtype, layout, batch, provider, module, ref, x, y,
+                   amp, via)
+
+
+def folded_model(ref: nn.Module, x: torch.Tensor, amp: bool):
+    """(fold_for_inference(ref) tuned on x under the step's autocast, how it was made)."""
+    import fusedres
+    autocast = (torch.autocast(benchlib.DEVICE.type, dtype=torch.bfloat16) if amp
+                else contextlib.nullcontext())
+    with autocast:
+        module = fusedres.fold_for_inference(ref, example_input=x)
+    how = "tuned on the input" if benchlib.HAS_CUDA else "CPU: plain torch convolutions"
+    return module, f"fusedres.fold_for_inference ({how})"
+
+
+def _run_model(benchmark, name, mode, dtype, layout, batch, provider, module, ref, x, y, amp,
+               via):
     backend = provider_backend(provider)
     forward, step = model_steps(module, x, y, mode, amp, backend)
 
@@ -157,6 +200,8 @@ def test_model(benchmark, name, mode, config, provider):
         last["out"] = timed_step()
     info.update(measure(benchmark, step, batch, provider, graphs0, WARMUP, ROUNDS,
                         2 if benchlib.HAS_CUDA else 1))
+    if provider == "compile_freezing" and graphs0 is not None:
+        info["compiled_graphs"] = compiled_graphs() - graphs0
     if mode == "train_step":
         loss = last["out"]
         info["final_loss"] = float(loss.detach())

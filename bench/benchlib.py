@@ -219,29 +219,45 @@ def bytes_bn_stats(x, *args, **kwargs) -> int:
     return _nb(x)
 
 
-def bytes_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask) -> int:
+def bytes_bn_act_fwd(z, scale, shift, skip, skip_scale, skip_shift, factor, relu,
+                     write_mask) -> int:
     """Read z and the skip (a tensor or the projection's zd), write y and the ReLU bits."""
     return 2 * _nb(z) + _nb(skip) + (_mask_bytes(z) if write_mask else 0)
 
 
-def bytes_bn_act_bwd(args, need_sums) -> int:
+def bytes_bn_act_bwd(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                     zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, need_sums,
+                     dz_add) -> int:
     """The design's two passes: a reduction reading dy, z (and the mask bits, zd), then
-    an elementwise pass reading them again and writing dz (and dskip or dzd).
-    ``args``: a fusedres.records.BwdArgs."""
-    a = args
-    reads = (_nb(a.dy) + _nb(a.z) + (_nb(a.mask) if a.mask_mode == 2 else 0)
-             + (_nb(a.zd) if a.skip_mode == 2 else 0))
-    reduce = a.batch_stats or need_sums or (a.skip_mode == 2 and a.batch_stats_d)
-    total = reads * (2 if reduce else 1) + _nb(a.dz_add) + _nb(a.z)
-    if a.skip_mode == 1:
-        total += _nb(a.dy)
-    elif a.skip_mode == 2:
-        total += _nb(a.zd)
+    an elementwise pass reading them again and writing dz (and dskip or dzd)."""
+    reads = _nb(dy) + _nb(z) + (_nb(mask) if mask_mode == 2 else 0) + (_nb(zd) if skip_mode == 2 else 0)
+    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
+    total = reads * (2 if reduce else 1) + _nb(dz_add) + _nb(z)
+    if skip_mode == 1:
+        total += _nb(dy)
+    elif skip_mode == 2:
+        total += _nb(zd)
     return total
 
 
+#: Bytes of a call of each flat primitive (the backends' own signatures).
 BYTE_COUNTS = {"bn_stats": bytes_bn_stats, "bn_act_fwd": bytes_bn_act_fwd,
                "bn_act_bwd": bytes_bn_act_bwd}
+
+
+def _record_bytes_fwd(z, norm, skip, skip_norm, factor, relu, write_mask) -> int:
+    return bytes_bn_act_fwd(z, None, None, skip, None, None, factor, relu, write_mask)
+
+
+def _record_bytes_bwd(a, need_sums) -> int:
+    return bytes_bn_act_bwd(a.dy, a.z, None, None, None, None, a.mask, a.mask_mode, a.factor,
+                            a.skip_mode, a.zd, None, None, None, a.batch_stats,
+                            a.batch_stats_d, need_sums, a.dz_add)
+
+
+#: The same for the ops.run_* calls, which take fusedres.records' named records.
+RECORD_BYTE_COUNTS = {"bn_stats": bytes_bn_stats, "bn_act_fwd": _record_bytes_fwd,
+                      "bn_act_bwd": _record_bytes_bwd}
 
 
 @contextlib.contextmanager
@@ -255,11 +271,11 @@ def count_fused_bytes():
     them). Yields a Counter with 'bytes', 'calls' and '<op>_bytes'."""
     from fusedres import ops
     counter: collections.Counter = collections.Counter()
-    saved = {name: getattr(ops, f"run_{name}") for name in BYTE_COUNTS}
+    saved = {name: getattr(ops, f"run_{name}") for name in RECORD_BYTE_COUNTS}
 
     def wrap(name, op):
         def counted(*args, **kwargs):
-            b = BYTE_COUNTS[name](*args, **kwargs)
+            b = RECORD_BYTE_COUNTS[name](*args, **kwargs)
             counter["bytes"] += b
             counter[f"{name}_bytes"] += b
             counter["calls"] += 1

@@ -6,7 +6,9 @@ Reads pytest-benchmark JSON (``pytest bench --benchmark-json results.json``) and
 JSON-lines file the suite appends to when FUSEDRES_BENCH_JSONL is set (what a run cut off
 by a timeout still measured); a result seen twice counts once, the first file winning.
 Every number comes from the results' ``extra_info`` (device-timed medians). Ratios are
-throughput ratios, eager time / fused time: above 1 the fused blocks are faster.
+throughput ratios, eager time / fused time: above 1 the fused blocks are faster; folded/X
+is X time / folded time (fold_for_inference, inference only; compile_freezing is
+torch.compile with torch._inductor.config.freezing = True, Inductor's conv-BN folding).
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 SPEED_PROVIDERS = ("eager", "compile", "fused", "fused_recompute", "csrc_ref")
+# Inference-only or `python -m fusedres bench`-only providers: a column (and a ratio) when
+# present.
+EXTRA_PROVIDERS = ("fused_compile", "folded", "compile_freezing")
+# The folded-inference table: folded, then what it is compared with.
+FOLDED_COLUMNS = ("folded", "eager", "compile", "compile_freezing", "fused")
 KERNEL_PROVIDERS = ("triton", "csrc_ref", "reference")
 ENV_KEYS = (("card", "card"), ("device", "device"), ("torch", "torch"), ("triton", "triton"),
             ("cudnn", "cuDNN"), ("cuda", "CUDA"), ("python", "Python"), ("date", "date"),
@@ -111,16 +118,26 @@ def speed_tables(entries) -> str:
         cases.setdefault(key, {})[x["provider"]] = x
     if not cases:
         return ""
-    speed, memory = [], []
+    speed, memory, folded = [], [], []
+    extra = [p for p in EXTRA_PROVIDERS if any(p in by for by in cases.values())]
+    providers = SPEED_PROVIDERS + tuple(extra)
     for (kind, case, mode, dtype, layout, batch), by in cases.items():
         t = {p: by[p].get("median_ms") for p in by}
-        ips = [_fmt(by[p].get("images_per_s"), 1) if p in by else "–" for p in SPEED_PROVIDERS]
+        ips = [_fmt(by[p].get("images_per_s"), 1) if p in by else "–" for p in providers]
         speed.append([kind, case, mode, dtype, layout, batch, *ips,
                       _ratio(t.get("eager"), t.get("fused")),
                       _ratio(t.get("compile"), t.get("fused")),
                       _ratio(t.get("eager"), t.get("fused_recompute")),
-                      _ratio(t.get("eager"), t.get("csrc_ref"))])
-        mem = [_fmt(by[p].get("peak_mem_mb"), 0) if p in by else "–" for p in SPEED_PROVIDERS]
+                      _ratio(t.get("eager"), t.get("csrc_ref")),
+                      # fused + compile against compile; the others against eager
+                      *[_ratio(t.get("compile" if p == "fused_compile" else "eager"), t.get(p))
+                        for p in extra]])
+        if "folded" in t:
+            folded.append([kind, case, mode, dtype, layout, batch,
+                           *[_fmt(by[p].get("images_per_s"), 1) if p in by else "–"
+                             for p in FOLDED_COLUMNS],
+                           *[_ratio(t.get(p), t["folded"]) for p in FOLDED_COLUMNS[1:]]])
+        mem = [_fmt(by[p].get("peak_mem_mb"), 0) if p in by else "–" for p in providers]
         f = by.get("fused", {})
         bad = [p for p in by if by[p].get("check_ok") is False]
         check = ("MISMATCH: " + ", ".join(bad)) if bad else "ok"
@@ -134,12 +151,21 @@ def speed_tables(entries) -> str:
                        _fmt(100 * f["floor_frac"], 0, "%") if f.get("floor_frac") else "–",
                        f"{check} (max {max(errs):.1e})" if errs else check])
     head = ["kind", "case", "mode", "dtype", "layout", "N"]
-    a = _table(head + [f"{p} img/s" for p in SPEED_PROVIDERS]
-               + ["fused/eager", "fused/compile", "recompute/eager", "csrc_ref/eager"], speed)
-    b = _table(head + [f"peak MB {p}" for p in SPEED_PROVIDERS]
+    extra_ratios = {"fused_compile": "fused_compile/compile", "folded": "folded/eager",
+                    "compile_freezing": "compile_freezing/eager"}
+    a = _table(head + [f"{p} img/s" for p in providers]
+               + ["fused/eager", "fused/compile", "recompute/eager", "csrc_ref/eager"]
+               + [extra_ratios[p] for p in extra], speed)
+    b = _table(head + [f"peak MB {p}" for p in providers]
                + ["fused kernels ms", "fused MB moved", "fused GB/s", "floor/fused time",
                   "check vs eager (max rel err)"], memory)
-    return ("## Blocks and models: throughput\n\n" + a + "\n\n"
+    c = ("## Inference with folded batch norms\n\nfolded/X = X time / folded time "
+         "(fusedres.fold_for_inference; compile_freezing: torch.compile with "
+         "torch._inductor.config.freezing = True).\n\n"
+         + _table(head + [f"{p} img/s" for p in FOLDED_COLUMNS]
+                  + [f"folded/{p}" for p in FOLDED_COLUMNS[1:]], folded) + "\n\n"
+         if folded else "")
+    return ("## Blocks and models: throughput\n\n" + a + "\n\n" + c +
             "## Memory, and the fused kernels against the byte floor\n\n"
             "Peak memory is torch.cuda.max_memory_allocated over one step (model, inputs and "
             "optimizer state included). Fused kernels: the time of the Triton kernels in one "

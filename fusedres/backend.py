@@ -37,11 +37,10 @@ def use_backend(name: str):
         _forced.pop()
 
 
-# os.environ.get encodes the key and decodes the value on every call (microseconds, and
-# this runs once per fused op): read the raw bytes mapping behind it where there is one.
+# This runs once per fused op, so it is memoised on what decides it: the device, the
+# innermost use_backend(), and the two environment variables as raw bytes (os.environ.get
+# would encode the key and decode the value on every call).
 _ENV_RAW = getattr(os.environ, "_data", None)
-
-
 _ENV_KEYS = {n: os.environ.encodekey(n) for n in ("FUSEDRES_BACKEND", "TRITON_INTERPRET")}
 
 
@@ -56,8 +55,7 @@ def _interpreting() -> bool:
     return _env("TRITON_INTERPRET") not in ("", "0")
 
 
-def backend_for(device: torch.device) -> str:
-    """The backend that a tensor on ``device`` runs on right now."""
+def _decide(device: torch.device) -> str:
     forced = _forced[-1] if _forced else None
     if forced is None:
         env = _env("FUSEDRES_BACKEND")
@@ -72,9 +70,39 @@ def backend_for(device: torch.device) -> str:
     return "reference"
 
 
+def _state_key(device: torch.device) -> tuple:
+    if _ENV_RAW is None:
+        return (device, _forced[-1] if _forced else None,
+                os.environ.get("FUSEDRES_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    return (device, _forced[-1] if _forced else None,
+            _ENV_RAW.get(_ENV_KEYS["FUSEDRES_BACKEND"]), _ENV_RAW.get(_ENV_KEYS["TRITON_INTERPRET"]))
+
+
+_DECIDED: dict = {}
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend that a tensor on ``device`` runs on right now."""
+    key = _state_key(device)
+    name = _DECIDED.get(key)
+    if name is None:
+        name = _DECIDED[key] = _decide(device)  # raises (and caches nothing) on a bad name
+    return name
+
+
+_IMPLEMENTATIONS: dict = {}
+
+
 def implementation(device: torch.device):
     """The module holding bn_stats / bn_act_fwd / bn_act_bwd for ``device``."""
-    name = backend_for(device)
+    key = _state_key(device)
+    impl = _IMPLEMENTATIONS.get(key)
+    if impl is None:
+        impl = _IMPLEMENTATIONS[key] = _load(backend_for(device), device)
+    return impl
+
+
+def _load(name: str, device: torch.device):
     if name == "triton":
         from . import kernels
         return kernels

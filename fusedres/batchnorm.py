@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from . import distributed, ops
+from . import distributed, ops, parity
+from .errors import ShapeError
 from .function import BNSpec, _same_layout, bn_backward, normalise
 from .plan import check_norm, read_norm, sync_specs
 from .records import BNParams, BNStats, BwdArgs
@@ -29,11 +29,12 @@ class FusedBatchNorm(torch.autograd.Function):
         out = ops.run_bn_act_fwd(x, norm, None, None, None, False, False)
         ctx.spec, ctx.group = spec, group
         ctx.dtypes = [None if t is None else t.dtype for t in tensors[:2]]
+        ctx.bn_tensors = tensors  # for parity.fused_backward's error
         ctx.save_for_backward(x, *out.stats, count)
         return out.y
 
     @staticmethod
-    @once_differentiable
+    @parity.fused_backward(parity.describe_batch_norm, parity.batch_norm_backward_batched)
     def backward(ctx, dy: Tensor):
         x, mean, rstd, scale, shift, count = ctx.saved_tensors
         need_params = any(ctx.needs_input_grad[3:5])
@@ -56,12 +57,15 @@ def fused_batch_norm(x: Tensor, norm: nn.Module, process_group=None) -> Tensor:
     """``norm(x)`` for a 4-D x through the fused primitives, its batch statistics in
     training mode synchronised over ``process_group`` (default: ``norm``'s own if it is an
     nn.SyncBatchNorm), as nn.SyncBatchNorm computes them but also on CPU tensors."""
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ShapeError("x", "be 4-D [N, C, H, W]", f"{x.dim()}-D with shape {tuple(x.shape)}")
     group = distributed.block_group([norm], process_group)
     spec, params = read_norm(norm)
     spec = sync_specs([spec], [norm], group)[0]
+    if not spec.sync and parity.needs_composite():  # forward AD, vmap: PyTorch's own path
+        return parity.composite_batch_norm(x, norm)
     check_norm("norm", params, x.shape[1], x, x.dtype, spec, tuple(x.shape))
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()

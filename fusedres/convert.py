@@ -18,7 +18,11 @@ every nn.SyncBatchNorm outside a block becomes a FusedSyncBatchNorm, which also 
 """
 from __future__ import annotations
 
+import logging
+import re
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
@@ -27,7 +31,12 @@ from .distributed import sync_problem
 from .modules import (BlockLayout, FusedBasicBlock, FusedBottleneck, FusedPreActBlock,
                       FusedPreActBottleneck, FusedSyncBatchNorm, _FusedMixin, split_downsample)
 
-__all__ = ["LAYOUTS", "convert", "fused_blocks", "fused_class", "is_fused", "revert", "why_not_fused"]
+__all__ = ["LAYOUTS", "Summary", "convert", "fused_blocks", "fused_class", "is_fused", "revert",
+           "summary", "why_not_fused"]
+
+# convert() reports what it did here, as an INFO record (a warning means a block was left
+# unfused): logging.basicConfig(level=logging.INFO) or a handler on "fusedres" shows it.
+logger = logging.getLogger("fusedres")
 
 _TIMM_ABSENT = ("drop_block", "aa", "se")
 
@@ -225,6 +234,65 @@ def fused_blocks(model: nn.Module) -> list:
     return [name for name, m in model.named_modules() if is_fused(m)]
 
 
+# Class names that look like a residual block: what summary() lists as not known to fusedres.
+_BLOCK_LIKE = re.compile(r"block|bottle|neck", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What fusedres makes of a model's residual blocks; ``str()`` is one readable line.
+
+    ``fused``: original block class name -> how many are fused; ``unfused``: (module name,
+    class name, reason) for each block of a known kind left unfused; ``unknown``: block-like
+    classes fusedres does not serve -> count (e.g. timm's Res2Net ``Bottle2neck``)."""
+    model: str
+    fused: dict
+    unfused: tuple
+    unknown: dict
+
+    @property
+    def num_fused(self) -> int:
+        return sum(self.fused.values())
+
+    @property
+    def num_blocks(self) -> int:
+        """Residual blocks of a kind fusedres knows, fused or not."""
+        return self.num_fused + len(self.unfused)
+
+    def __str__(self) -> str:
+        by_class = ", ".join(f"{n} x{c}" for n, c in self.fused.items())
+        if self.num_blocks == 0:
+            text = f"fusedres: {self.model} has no residual block of a kind fusedres fuses"
+        else:
+            text = (f"fusedres: {self.num_fused} of {self.num_blocks} residual blocks of "
+                    f"{self.model} fused" + (f" ({by_class})" if by_class else ""))
+        if self.unfused:
+            text += "; unfused: " + "; ".join(f"{name or '<model>'} ({cls}): {why}"
+                                              for name, cls, why in self.unfused)
+        if self.unknown:
+            text += ("; block classes fusedres does not serve: "
+                     + ", ".join(f"{n} x{c}" for n, c in self.unknown.items()))
+        return text
+
+
+def summary(model: nn.Module) -> Summary:
+    """How many of ``model``'s residual blocks are fused, by class, and why the others are
+    not (the record convert() logs to ``logging.getLogger("fusedres")``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    fused, unfused, unknown = Counter(), [], Counter()
+    for name, m in model.named_modules():
+        if is_fused(m):
+            original = type(m).__dict__.get("_fused_original") or type(m)
+            fused[original.__name__] += 1
+        elif _layout_of(type(m)) is not None:
+            unfused.append((name, type(m).__name__, why_not_fused(m)))
+        elif _BLOCK_LIKE.search(type(m).__name__) and not isinstance(
+                m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            unknown[type(m).__name__] += 1
+    return Summary(type(model).__name__, dict(fused), tuple(unfused), dict(unknown))
+
+
 def convert(model: nn.Module) -> nn.Module:
     """Replace, in place, every ResNet block of ``model`` that fusedres can serve with its
     fused equivalent, sharing its parameters and buffers; returns ``model``.
@@ -234,7 +302,8 @@ def convert(model: nn.Module) -> nn.Module:
     activation or norm, a conv with a bias, ...) are left alone and named, with the
     reason, in one warning. A model with no ResNet block at all also warns. Every
     nn.SyncBatchNorm outside the blocks (and inside: blocks read their norms' parameters
-    but never call them) becomes a FusedSyncBatchNorm, which runs on CPU tensors too."""
+    but never call them) becomes a FusedSyncBatchNorm, which runs on CPU tensors too.
+    What it did (fusedres.summary(model)) goes to logging.getLogger("fusedres") at INFO."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.DataParallel):
@@ -257,6 +326,8 @@ def convert(model: nn.Module) -> nn.Module:
             skipped.append(f"{name or '<model>'} ({type(m).__name__}): {reason}")
             continue
         m.__class__ = fused_class(type(m))
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("%s", summary(model))
     if skipped:
         warnings.warn(f"fusedres.convert left {len(skipped)} block(s) unfused:\n  "
                       + "\n  ".join(skipped), stacklevel=2)

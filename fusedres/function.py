@@ -28,9 +28,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
-
-from . import distributed, ops
+from . import distributed, ops, parity
 from .layout import memory_format
 from .records import BNParams, BNStats, BwdArgs, BwdOut, Norm
 
@@ -361,13 +359,14 @@ class FusedResidualBlock(torch.autograd.Function):
         # Only conv weights are saved: the running statistics change in place every
         # forward, and the BN backward needs nothing of its parameters but their dtype.
         ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+        ctx.bn_tensors = tensors[len(spec.convs):]  # for parity.fused_backward's error
         sl = slots(len(spec.convs))
         ctx.save_for_backward(x, factor, tensors[sl.wd], *(tensors[i] for i in sl.w),
                               *saved.flat())
         return out
 
     @staticmethod
-    @once_differentiable
+    @parity.fused_backward(parity.describe_block, parity.block_backward_batched)
     def backward(ctx, dout: Tensor):
         spec: BlockSpec = ctx.spec
         k = len(spec.convs)

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from . import distributed
+from . import distributed, parity
 from .batchnorm import fused_batch_norm
-from .plan import run_module
+from .plan import check_sizes, run_module
+from .records import BNParams
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,22 @@ def drop_path_factor(x: Tensor, drop_prob: float, training: bool,
     return factor.view(-1)
 
 
+_NOT_EXPORTABLE = ("{what} cannot see inside the fused block {block}: it runs its batch norms, "
+                   "ReLUs and residual add as one fused op. Call fusedres.revert(model) first "
+                   "(same parameters and state_dict), then export the reverted model.")
+
+
+def _refuse_tracing(x, block) -> None:
+    """RuntimeError naming fusedres.revert under torch.fx.symbolic_trace (x is a Proxy) and
+    torch.onnx.export's TorchScript exporter; torch.compile (dynamo) traces the block fine."""
+    if torch.compiler.is_compiling():
+        return
+    what = ("torch.fx tracing" if isinstance(x, torch.fx.Proxy)
+            else "torch.onnx.export" if torch.onnx.is_in_onnx_export() else None)
+    if what is not None:
+        raise RuntimeError(_NOT_EXPORTABLE.format(what=what, block=type(block).__name__))
+
+
 class _FusedMixin:
     """The fused forward of every block, from the class's BlockLayout.
 
@@ -113,7 +130,15 @@ class _FusedMixin:
         return drop_path_factor(x, float(dp.drop_prob), dp.training,
                                 getattr(dp, "scale_by_keep", True))
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it
+        raise RuntimeError(_NOT_EXPORTABLE.format(what="TorchScript", block=type(self).__name__))
+
     def forward(self, x: Tensor) -> Tensor:
+        # a Proxy (fx) or an ONNX export would otherwise fail deep inside: say what to do
+        if not isinstance(x, Tensor) or (not torch.compiler.is_compiling()
+                                         and torch.onnx.is_in_onnx_export()):
+            _refuse_tracing(x, self)
         return run_module(self, x, split_downsample, self._drop_factor(x))
 
 
@@ -179,4 +204,9 @@ class FusedSyncBatchNorm(nn.BatchNorm2d):
         if x.dim() == 4 and self.training and distributed.world_size(
                 distributed.block_group([self])) > 1:
             return fused_batch_norm(x, self)
-        return nn.SyncBatchNorm.forward(self, x)
+        # fusedres's checks and rule, as on the fused path: a wrong size raises ShapeError,
+        # and a failed call leaves num_batches_tracked alone (nn.SyncBatchNorm counts first)
+        self._check_input_dim(x)
+        check_sizes("norm", BNParams(self.weight, self.bias, self.running_mean,
+                                     self.running_var, None), x.shape[1])
+        return parity.leave_count_on_error(self, nn.SyncBatchNorm.forward, x)

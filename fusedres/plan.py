@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, parity
+from .errors import ShapeError
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
 from .records import BNParams
 
@@ -34,33 +35,54 @@ _NO_NORM = BNParams(None, None, None, None, None)
 # --------------------------------------------------------------------------------------
 
 
-def read_norm(bn: nn.Module) -> tuple[BNSpec, BNParams]:
-    """How a norm layer behaves in this call and the tensors it reads, as nn.BatchNorm2d
-    decides them (torch/nn/modules/batchnorm.py): batch statistics in training, or in eval
-    when it has no running buffers; running buffers updated only in training with
-    track_running_stats; a frozen batch norm (torchvision's FrozenBatchNorm2d: running
-    statistics, no momentum) always in eval."""
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+_FROZEN = ("weight", "bias", "running_mean", "running_var")
+
+
+def raw_norm(bn: nn.Module) -> tuple:
+    """The five tensors a norm layer holds, unfiltered: (weight, bias, running_mean,
+    running_var, num_batches_tracked), None where it has none. TypeError for a layer that
+    is neither a batch norm nor a frozen one."""
+    if isinstance(bn, _BatchNorm):
         p, b = bn._parameters, bn._buffers
-        rm, rv = b.get("running_mean"), b.get("running_var")
-        training = bn.training
-        # as _BatchNorm.forward: eval normalises with the buffers whenever they exist,
-        # even after track_running_stats was switched off
-        batch_stats = training or (rm is None and rv is None)
-        update = training and bn.track_running_stats and rm is not None
-        spec = BNSpec(batch_stats=batch_stats, update=update,
-                      momentum=None if bn.momentum is None else float(bn.momentum),
-                      eps=float(bn.eps))
-        keep_running = update or not batch_stats
-        return spec, BNParams(p.get("weight"), p.get("bias"),
-                              rm if keep_running else None, rv if keep_running else None,
-                              b.get("num_batches_tracked") if update else None)
+        return (p.get("weight"), p.get("bias"), b.get("running_mean"), b.get("running_var"),
+                b.get("num_batches_tracked"))
     b = getattr(bn, "_buffers", {})
-    if all(b.get(a) is not None for a in ("weight", "bias", "running_mean", "running_var")) \
-            and hasattr(bn, "eps"):
-        return (BNSpec(False, False, None, float(bn.eps)),
-                BNParams(b["weight"], b["bias"], b["running_mean"], b["running_var"], None))
+    if all(b.get(a) is not None for a in _FROZEN) and hasattr(bn, "eps"):
+        return (b["weight"], b["bias"], b["running_mean"], b["running_var"], None)
     raise TypeError(f"norm layer must be a BatchNorm2d or FrozenBatchNorm2d, got {type(bn).__name__}")
+
+
+def norm_spec(bn: nn.Module, raw: tuple) -> BNSpec:
+    """How a norm layer behaves in this call, as nn.BatchNorm2d decides it
+    (torch/nn/modules/batchnorm.py): batch statistics in training, or in eval when it has
+    no running buffers; running buffers updated only in training with track_running_stats;
+    a frozen batch norm (running statistics, no momentum) always in eval."""
+    if not isinstance(bn, _BatchNorm):
+        return BNSpec(False, False, None, float(bn.eps))
+    training = bn.training
+    # as _BatchNorm.forward: eval normalises with the buffers whenever they exist, even
+    # after track_running_stats was switched off
+    batch_stats = training or (raw[2] is None and raw[3] is None)
+    update = training and bn.track_running_stats and raw[2] is not None
+    return BNSpec(batch_stats=batch_stats, update=update,
+                  momentum=None if bn.momentum is None else float(bn.momentum),
+                  eps=float(bn.eps))
+
+
+def params_for(raw: tuple, spec: BNSpec) -> BNParams:
+    """The tensors a norm passes to the fused ops in this call: running statistics only
+    where they are read or updated, num_batches_tracked only where it counts."""
+    keep_running = spec.update or not spec.batch_stats
+    return BNParams(raw[0], raw[1], raw[2] if keep_running else None,
+                    raw[3] if keep_running else None, raw[4] if spec.update else None)
+
+
+def read_norm(bn: nn.Module) -> tuple[BNSpec, BNParams]:
+    """(norm_spec, params_for) of a norm layer."""
+    raw = raw_norm(bn)
+    spec = norm_spec(bn, raw)
+    return spec, params_for(raw, spec)
 
 
 # --------------------------------------------------------------------------------------
@@ -92,36 +114,54 @@ def check_conv(name: str, conv, c_in: int, x: Tensor, act_dtype: torch.dtype, ca
     if w.device != x.device:
         raise ValueError(f"{name}.weight must be on {x.device} like x, got {w.device}")
     if w.shape[1] * conv.groups != c_in:
-        raise ValueError(f"{name} expects {w.shape[1] * conv.groups} input channels, "
-                         f"got an input with {c_in}")
+        n = w.shape[1] * conv.groups
+        raise ShapeError(f"{name}'s input", f"have {n} channels", f"{c_in}",
+                         f"{name} expects {n} input channels, got an input with {c_in}")
     if w.dtype != act_dtype and not (cast and w.is_floating_point()):
         raise TypeError(f"{name}.weight must have dtype {act_dtype} like x, got {w.dtype}")
 
 
+def check_sizes(name: str, p: BNParams, c: int) -> None:
+    """Each of a norm's tensors has one value per channel (PyTorch raises RuntimeError
+    here, fusedres's rule ValueError: ShapeError is both)."""
+    for field, t in zip(("weight", "bias", "running_mean", "running_var"), p[:4]):
+        if t is not None and t.shape != (c,):
+            raise ShapeError(f"{name}.{field}", f"have shape ({c},) to match {c} channels",
+                             f"{tuple(t.shape)}")
+
+
 def check_norm(name: str, p: BNParams, c: int, x: Tensor, act_dtype: torch.dtype,
                spec: BNSpec, in_size: tuple):
-    """``p``: the norm's tensors as read_norm gives them."""
+    """``p``: the norm's tensors as read_norm gives them. Checks in PyTorch's order (one
+    value per channel and eps in F.batch_norm, then the tensors in ATen)."""
+    if spec.batch_stats and not spec.sync:  # synchronised: the other ranks' values count too
+        n, _, h, w = in_size
+        if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
+            raise ShapeError(f"{name}'s input", "have more than 1 value per channel",
+                             f"{torch.Size(in_size)}",
+                             "Expected more than 1 value per channel when training, "
+                             f"got input size {torch.Size(in_size)}")
+    # PyTorch's own checks and messages (torch.nn.functional.batch_norm)
+    if spec.batch_stats and spec.eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {spec.eps}")
+    if spec.eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {spec.eps}")
+    check_sizes(name, p, c)
+    # an empty batch computes nothing: PyTorch then accepts any floating dtypes
+    empty = 0 in in_size
     allowed = {act_dtype, torch.float32} if act_dtype in (torch.float16, torch.bfloat16) else {act_dtype}
     for field, t in zip(("weight", "bias", "running_mean", "running_var"), p[:4]):
         if t is None:
             continue
-        if t.shape != (c,):
-            raise ValueError(f"{name}.{field} must have shape ({c},) to match {c} channels, "
-                             f"got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name}.{field} must be on {x.device} like x, got {t.device}")
-        if t.dtype not in allowed:
+        if t.dtype not in allowed and not (empty and t.is_floating_point()):
             raise TypeError(f"{name}.{field} must have dtype {' or '.join(sorted(map(str, allowed)))} "
                             f"for {act_dtype} activations, got {t.dtype}")
     dtypes = {t.dtype for t in p[:4] if t is not None}
-    if len(dtypes) > 1:
+    if len(dtypes) > 1 and not empty:
         raise TypeError(f"{name}'s parameters and running statistics must share one dtype, "
                         f"got {sorted(map(str, dtypes))}")
-    if spec.batch_stats and not spec.sync:  # synchronised: the other ranks' values count too
-        n, _, h, w = in_size
-        if n * h * w == 1:  # PyTorch's own message (torch.nn.functional._verify_batch_size)
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {torch.Size(in_size)}")
 
 
 def sync_specs(specs, norms, group):
@@ -181,8 +221,8 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
         check_conv("downsample conv", dconv, c, x, act, cast is not None)
         dhw = _conv_out_hw(*_pool_out_hw(h, w, pool), dconv)
         if dconv.weight.shape[0] != c_cur or dhw != hw:
-            raise ValueError(f"the shortcut gives [{dconv.weight.shape[0]}, {dhw[0]}, {dhw[1]}] "
-                             f"but the main path gives [{c_cur}, {hw[0]}, {hw[1]}]")
+            raise ShapeError("the shortcut's output", f"match the main path's [{c_cur}, "
+                             f"{hw[0]}, {hw[1]}]", f"[{dconv.weight.shape[0]}, {dhw[0]}, {dhw[1]}]")
         proj = ConvSpec.of(dconv)
         wd = dconv.weight if cast is None else dconv.weight.to(cast)
         if dnorm is not None:
@@ -192,8 +232,9 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
         elif not preact:
             raise ValueError("a post-activation block's projection shortcut needs a norm layer")
     elif skip and (c_cur != c or hw != (h, w)):
-        raise ValueError(f"identity shortcut needs the main path to keep the shape [{c}, {h}, {w}], "
-                         f"got [{c_cur}, {hw[0]}, {hw[1]}]: pass a downsample")
+        raise ShapeError("the main path's output", f"keep the shape [{c}, {h}, {w}] for an "
+                         "identity shortcut (else pass a downsample)",
+                         f"[{c_cur}, {hw[0]}, {hw[1]}]")
     _check_factor(factor, x)
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
@@ -210,9 +251,12 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
 
 
 def _check_factor(factor: Optional[Tensor], x: Tensor) -> None:
-    if factor is not None and (factor.shape != (x.shape[0],) or factor.device != x.device):
-        raise ValueError(f"drop_factor must have shape ({x.shape[0]},) on {x.device}, got "
-                         f"{tuple(factor.shape)} on {factor.device}")
+    if factor is None:
+        return
+    if factor.shape != (x.shape[0],):
+        raise ShapeError("drop_factor", f"have shape ({x.shape[0]},)", f"{tuple(factor.shape)}")
+    if factor.device != x.device:
+        raise ValueError(f"drop_factor must be on {x.device} like x, got {factor.device}")
 
 
 def execute(plan: BlockPlan, x: Tensor, factor: Optional[Tensor], tensors) -> Tensor:
@@ -235,7 +279,7 @@ def _check_x(x, n_convs: int, n_norms: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [N, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
+        raise ShapeError("x", "be 4-D [N, C, H, W]", f"{x.dim()}-D with shape {tuple(x.shape)}")
     if n_convs not in (2, 3) or n_norms != n_convs:
         raise ValueError(f"a block needs 2 or 3 convs and one norm per conv, got {n_convs} "
                          f"convs and {n_norms} norms")
@@ -271,6 +315,9 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     norm keeps its parameters and statistics in their own dtype. Each call checks and
     plans afresh; the fused modules cache their plan (see ``run_module``)."""
     _check_x(x, len(convs), len(norms))
+    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
+        return parity.composite_block(x, convs, norms, downsample, preact, drop_factor, skip,
+                                      process_group)
     read = [read_norm(nm) for nm in norms]
     specs, params = [r[0] for r in read], [r[1] for r in read]
     cast = _autocast_dtype(x)
@@ -294,9 +341,9 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
 
 @dataclass(frozen=True)
 class _Cached:
-    ds_key: tuple          # the downsample module and its children, by identity
+    ds_key: tuple           # the downsample module and its children, by identity
     parts: Optional[tuple]  # split_downsample of it
-    key: tuple             # everything else the plan depends on (see _key)
+    key: tuple              # everything else the plan depends on (see run_module)
     plan: BlockPlan
 
 
@@ -311,8 +358,8 @@ def _norm_state(norm: nn.Module) -> tuple:
 
 
 def _tensor_state(t: Optional[Tensor]):
-    # identity, and what .half() / .to() change while keeping it
-    return None if t is None else (id(t), t.dtype, t.device, t.requires_grad)
+    # identity, and what .half() / .to() / .requires_grad_() change while keeping it
+    return None if t is None else (id(t), t.dtype, t.get_device(), t.requires_grad)
 
 
 def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[Tensor]) -> Tensor:
@@ -328,6 +375,9 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
         return fused_residual_block(x, convs, norms, split_downsample(ds, layout.preact),
                                     layout.preact, factor, block.recompute)
     _check_x(x, len(convs), len(norms))
+    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
+        return parity.composite_block(x, convs, norms, split_downsample(ds, layout.preact),
+                                      layout.preact, factor, True)
     cached = _PLANS.get(block)
     ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
     if cached is not None and cached.ds_key == ds_key:
@@ -335,42 +385,50 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     else:
         parts = split_downsample(ds, layout.preact)
         cached = None
-    read = [read_norm(nm) for nm in norms]
-    if parts is not None:
-        dread = read_norm(parts[2]) if parts[2] is not None else (None, _NO_NORM)
-        dw = parts[1]._parameters.get("weight")
-    else:
-        dread, dw = (None, _NO_NORM), None
+    all_norms = norms if parts is None or parts[2] is None else [*norms, parts[2]]
+    raws = [raw_norm(nm) for nm in all_norms]
     conv_w = [cv._parameters.get("weight") for cv in convs]
+    dw = parts[1]._parameters.get("weight") if parts is not None else None
     cast = _autocast_dtype(x)
-    key = (x.shape, x.dtype, x.device, x.is_contiguous(),
+    key = (x.shape, x.dtype, x.get_device(), x.is_contiguous(),
            x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
            torch.is_grad_enabled(), cast, factor is None, block.recompute,
-           distributed.is_initialised(), tuple(map(_norm_state, norms)), dread[0],
+           distributed.is_initialised(), tuple(map(_norm_state, all_norms)),
            tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
-           tuple(_tensor_state(t) for _, p in (*read, dread) for t in p))
+           tuple(_tensor_state(t) for raw in raws for t in raw))
     if cached is not None and cached.key != key:
         cached = None
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return _run_cached(block, cached, ds_key, parts, key, x if layout.preact else x.to(cast),
-                               convs, norms, read, dread[1], conv_w, dw, factor, cast)
-    return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, read, dread[1],
-                       conv_w, dw, factor, None)
+            return _run_cached(block, cached, ds_key, parts, key,
+                               x if layout.preact else x.to(cast), convs, norms, raws, conv_w,
+                               dw, factor, cast)
+    return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw,
+                       factor, None)
 
 
-def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, read, dparams, conv_w, dw,
-                factor, cast):
+def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw, factor,
+                cast):
     layout = block._fused_layout
+    k = len(convs)
     if cached is None:
-        plan, tensors = build_plan(x, convs, norms, [r[1] for r in read], [r[0] for r in read],
-                                   parts, layout.preact, factor, block.recompute, cast, True,
-                                   None)
+        specs = [norm_spec(nm, raw) for nm, raw in zip(norms, raws)]
+        params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
+        plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
+                                   factor, block.recompute, cast, True, None)
         _PLANS[block] = _Cached(ds_key, parts, key, plan)
         return execute(plan, x, factor, tensors)
     _check_factor(factor, x)
+    spec = cached.plan.spec
     if cast is not None:
         conv_w = [w.to(cast) for w in conv_w]
         dw = dw.to(cast) if dw is not None else None
-    tensors = [*conv_w, *[t for _, p in read for t in p], dw, *dparams]
+    tensors = list(conv_w)
+    for raw, sp in zip(raws, spec.bns):
+        tensors.extend(params_for(raw, sp))
+    tensors.append(dw)
+    if len(raws) > k:  # the projection's norm
+        tensors.extend(params_for(raws[k], spec.proj_bn))
+    else:
+        tensors.extend(_NO_NORM)
     return execute(cached.plan, x, factor, tensors)

@@ -418,6 +418,7 @@ def test_check_command_resnet18():
 
 
 def test_check_exits_nonzero_on_wrong_results(monkeypatch, capsys):
+    import fusedres.api as api
     import fusedres.check as check
 
     def broken_convert(model):  # a fused model whose batch norms use another eps
@@ -427,7 +428,7 @@ def test_check_exits_nonzero_on_wrong_results(monkeypatch, capsys):
                 m.eps = 1e-3
         return model
 
-    monkeypatch.setattr(check, "convert", broken_convert)
+    monkeypatch.setattr(api, "convert", broken_convert)
     assert check.main(["check", "--model", "resnet18", "--no-bench"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out.splitlines()[-1]

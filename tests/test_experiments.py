@@ -1,4 +1,5 @@
-"""``python -m fusedres degradation`` / ``lesion`` (fusedres/experiments.py) on a tiny budget.
+"""``python -m fusedres degradation`` / ``lesion`` (fusedres/experiments.py, their command
+lines in fusedres/cli/experiments.py) on a tiny budget.
 
 The commands run in this process (a subprocess would pay torch's import each time); the
 fixture puts back the global torch state they set (thread count, deterministic mode).
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from fusedres import FusedBasicBlock, FusedPreActBlock, experiments, use_backend
+from fusedres.cli import main as cli_main
 from fusedres.experiments import CifarNet, PlainBlock, lesioned, make_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -99,7 +101,7 @@ def check_networks_and_lesion(preact):
 
 def test_degradation_then_lesion(tmp_path, capsys):
     out = str(tmp_path)
-    assert experiments.main(["degradation", *TINY, "--out", out]) == 0
+    assert cli_main(["degradation", *TINY, "--out", out]) == 0
     text = capsys.readouterr().out
     for row in ("| 8 | plain |", "| 8 | residual |"):
         assert row in text
@@ -113,7 +115,7 @@ def test_degradation_then_lesion(tmp_path, capsys):
         assert "pip install 'fusedres[plot]'" in text
 
     # lesion reads the saved networks: their unlesioned test error is the one training saw
-    assert experiments.main(["lesion", "--out", out, "--quiet"]) == 0
+    assert cli_main(["lesion", "--out", out, "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "networks from" in text
     assert "| removed block | stage | plain-8 | residual-8 |" in text
@@ -129,7 +131,7 @@ def test_same_seed_same_result(tmp_path, capsys):
     for run in ("a", "b"):
         # the reference backend: the point is the seeding, and the interpreter is slow
         with use_backend("reference"):
-            assert experiments.main(["degradation", *TINY, "--out", str(tmp_path / run)]) == 0
+            assert cli_main(["degradation", *TINY, "--out", str(tmp_path / run)]) == 0
         tables.append(capsys.readouterr().out.split("| depth |")[1].split("total")[0])
     # the seconds column differs between runs; everything else must not
     strip = lambda t: [row.rsplit("|", 2)[0] for row in t.splitlines()]  # noqa: E731
@@ -140,7 +142,7 @@ def test_lesion_trains_when_nothing_saved_and_plots_are_optional(tmp_path, capsy
                                                                   monkeypatch):
     monkeypatch.setattr(experiments, "_pyplot", lambda: None)  # as without matplotlib
     argv = ["lesion", "--out", str(tmp_path), "--preact", *TINY]
-    assert experiments.main(argv) == 0
+    assert cli_main(argv) == 0
     text = capsys.readouterr().out
     assert "training depths [8]" in text
     assert "| 0 | 1 |" in text and "| 2 | 3 | shape changes | shape changes |" in text
@@ -149,12 +151,15 @@ def test_lesion_trains_when_nothing_saved_and_plots_are_optional(tmp_path, capsy
     assert (tmp_path / "results.pt").exists()
 
 
-def test_bad_arguments():
-    with pytest.raises(SystemExit):
-        experiments.main(["degradation", "--depths", "9"])
-    with pytest.raises(SystemExit):
-        experiments.main(["degradation", "--epochs", "0"])
-    assert experiments.main(["nonsense"]) == 2
+def test_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["degradation", "--depths", "9"])
+    assert e.value.code == 2 and "6n+2" in capsys.readouterr().err
+    assert cli_main(["degradation", "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["nonsense"])
+    assert e.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
 
 
 def test_command_line_dispatch(monkeypatch, capsys):
@@ -165,5 +170,7 @@ def test_command_line_dispatch(monkeypatch, capsys):
     assert r.returncode == 0 and "--depths" in r.stdout
     from fusedres.__main__ import _main
     monkeypatch.setattr(sys, "argv", ["fusedres"])
-    assert _main() == 2
-    assert "check|degradation|lesion" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _main()
+    assert e.value.code == 2
+    assert "required: COMMAND" in capsys.readouterr().err
