@@ -55,21 +55,6 @@ def _fwd(impl):
     return call
 
 
-def _bytes(op, args) -> int:
-    """benchlib's byte count (it reads the named records of fusedres.records) of a flat call."""
-    if op == "bn_stats":
-        return benchlib.bytes_bn_stats(*args)
-    if op == "bn_act_fwd":
-        z, _, _, skip, _, _, factor, relu, write_mask = args
-        return benchlib.bytes_bn_act_fwd(z, None, skip, None, factor, relu, write_mask)
-    from fusedres.records import BNStats, BwdArgs
-    (dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d,
-     scale_d, batch_stats, batch_stats_d, need_sums, dz_add) = args
-    a = BwdArgs(dy, z, BNStats(mean, rstd, scale, shift), mask, mask_mode, factor, skip_mode,
-                zd, None, batch_stats, batch_stats_d, dz_add)
-    return benchlib.bytes_bn_act_bwd(a, need_sums)
-
-
 def _id(shape):
     return "x".join(map(str, shape))
 
@@ -112,7 +97,7 @@ def test_kernel(benchmark, kernel, shape, layout, provider):
                 True, False, True, None)
     op = KERNELS[kernel]
     fn = _fwd(impl) if op == "bn_act_fwd" else getattr(impl, op)
-    nbytes = _bytes(op, args)
+    nbytes = benchlib.BYTE_COUNTS[op](*args)
 
     benchmark.group = f"kernel {kernel} {_id(shape)} bf16 {layout}"
     t = benchlib.time_device(lambda: fn(*args), WARMUP, ROUNDS, benchmark)
