@@ -13,9 +13,13 @@
 #   3. csrc_ref build (torch.utils.cpp_extension)     cap 120 s   -> env.txt
 #   4. kernel benchmarks (gpu-quick)                  cap  60 s   -> bench-kernels.json
 #   5. ResNet-50 benchmarks (gpu-quick)               cap 120 s   -> bench-models.json
-#   6. block benchmarks (gpu-quick)                   cap 200 s   -> bench-blocks.json
-#   7. only if >= 90 s are left: torch.compile of the ResNet-50 train step (cap 150 s)
-#   8. report                                                    -> table.md (printed last)
+#   6. profile (CUDA only): where a ResNet-50 step's GPU time goes, by category, for eager,
+#      torch.compile and fused, train step and inference, batch 64 and 256; and a fused
+#      train step's host time against its GPU time at batch 32/64/256
+#      (bench/profile_resnet.py)                      cap 120 s   -> appended to table.md
+#   7. block benchmarks (gpu-quick)                   cap 200 s   -> bench-blocks.json
+#   8. only if >= 90 s are left: torch.compile of the ResNet-50 train step (cap 150 s)
+#   9. report                                                    -> table.md (printed last)
 # Benchmark logs go to bench.log; every result is also appended to partial.jsonl as it is
 # measured, so a step cut off by its timeout still reports what it finished.
 # Measured on an H100 (torch 2.11, triton 3.6; tests skipped): env 18 s, csrc_ref build
@@ -177,6 +181,15 @@ bench() {  # bench NAME CAP FILE [pytest args]: JSON to bench-NAME.json unless N
 }
 bench kernels 60 bench_kernels.py
 bench models 120 bench_models.py
+# The profile's tables go to a file outside OUTDIR (at most 8 files there) and are appended
+# to table.md after the report; the script stops starting cases near its own budget.
+PROFILE_MD=$(mktemp)
+if (( HAS_CUDA )); then
+    run_step "profile" 120 "$PROFILE_MD" "$PY" bench/profile_resnet.py --budget 100
+else
+    echo "SKIPPED: profile: no CUDA device (GPU time by category needs a GPU)"
+    SUMMARY+=("profile: skipped (no CUDA)")
+fi
 bench blocks 200 bench_blocks.py
 # Only with time to spare (typically when the tests were quick): torch.compile of the whole
 # ResNet-50 train step, forward and backward graphs, a minute or two of compiling.
@@ -185,7 +198,7 @@ if (( HAS_CUDA )); then
         bench compile-train 150 bench_models.py -k "train_step and compile"
 fi
 
-# 7. Report ------------------------------------------------------------------------------
+# 9. Report ------------------------------------------------------------------------------
 REPORT_IN=()
 for f in "$OUT"/bench-kernels.json "$OUT"/bench-models.json "$OUT"/bench-blocks.json "$OUT"/partial.jsonl; do
     [ -s "$f" ] && REPORT_IN+=("$f")
@@ -197,6 +210,11 @@ else
     echo "FAILED: report: no benchmark results"; FAILED+=("report")
     echo "# fusedres benchmarks: no results" >"$OUT/table.md"
 fi
+
+if [ -s "$PROFILE_MD" ]; then
+    { echo; grep -v '^== ' "$PROFILE_MD"; } >>"$OUT/table.md"
+fi
+rm -f "$PROFILE_MD"
 
 echo
 echo "== summary ($(( SECONDS - START ))s in all; files in $OUT: $(ls "$OUT" | tr '\n' ' '))"

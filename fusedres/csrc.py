@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .reference import running_stats
+
 __all__ = ["load", "source_dir"]
 
 _NAMESPACE = "fusedres_csrc_ref"
@@ -126,15 +128,33 @@ class CsrcOps:
     def bn_stats(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float):
-        return tuple(self._op("bn_stats")(
+        return torch.stack(self._op("bn_stats")(
             x, weight, bias, running_mean, running_var, num_batches_tracked,
             None if momentum is None else float(momentum), float(eps)))
 
-    def bn_act_fwd(self, z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
-                   skip_scale: Optional[Tensor], skip_shift: Optional[Tensor],
+    def bn_act_fwd(self, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+                   skip: Optional[Tensor], skip_scale: Optional[Tensor],
+                   skip_shift: Optional[Tensor], skip_weight: Optional[Tensor],
+                   skip_bias: Optional[Tensor], skip_running_mean: Optional[Tensor],
+                   skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
                    factor: Optional[Tensor], relu: bool, write_mask: bool):
-        return tuple(self._op("bn_act_fwd")(z, scale, shift, skip, skip_scale, skip_shift,
-                                            factor, bool(relu), bool(write_mask)))
+        # eval mode: the extension takes scale and shift, derived here as the reference does
+        sdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        stats, skip_stats = z.new_empty((0,), dtype=sdt), z.new_empty((0,), dtype=sdt)
+        if scale is None:
+            stats = running_stats(weight, bias, running_mean, running_var, eps, sdt)
+            scale, shift = stats[2], stats[3]
+        if skip_norm and skip_scale is None:
+            skip_stats = running_stats(skip_weight, skip_bias, skip_running_mean,
+                                       skip_running_var, skip_eps, sdt)
+            skip_scale, skip_shift = skip_stats[2], skip_stats[3]
+        y, mask = self._op("bn_act_fwd")(z, scale, shift, skip,
+                                         skip_scale if skip_norm else None,
+                                         skip_shift if skip_norm else None,
+                                         factor, bool(relu), bool(write_mask))
+        return y, mask, stats, skip_stats
 
     def bn_act_bwd(self, dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                    shift: Tensor, mask: Optional[Tensor], mask_mode: int,
@@ -155,7 +175,7 @@ class CsrcOps:
                               running_var: Optional[Tensor],
                               num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                               eps: float):
-        return tuple(self._op("bn_stats_from_moments")(
+        return torch.stack(self._op("bn_stats_from_moments")(
             moments, weight, bias, running_mean, running_var, num_batches_tracked,
             None if momentum is None else float(momentum), float(eps)))
 

@@ -21,32 +21,46 @@ from .records import ActOut, BNParams, BNStats, BwdArgs, BwdOut, Norm
 def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              running_mean: Optional[Tensor], running_var: Optional[Tensor],
              num_batches_tracked: Optional[Tensor], momentum: Optional[float],
-             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-channel batch (mean, rstd, scale, shift); updates the running statistics."""
-    return tuple(implementation(x.device).bn_stats(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps))
+             eps: float) -> Tensor:
+    """Per-channel batch statistics, [4, C] rows (mean, rstd, scale, shift); updates the
+    running statistics and counts the batch in num_batches_tracked."""
+    return implementation(x.device).bn_stats(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
 @bn_stats.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
-    C = x.shape[1]
-    return tuple(x.new_empty(C, dtype=stats_dtype(x)) for _ in range(4))
+    return x.new_empty((4, x.shape[1]), dtype=stats_dtype(x))
 
 
 @torch.library.custom_op("fusedres::bn_act_fwd", mutates_args=())
-def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
-               skip_scale: Optional[Tensor], skip_shift: Optional[Tensor],
-               factor: Optional[Tensor], relu: bool, write_mask: bool) -> tuple[Tensor, Tensor]:
-    """y = act(factor[n]*(z*scale + shift) + skip) and its packed ReLU mask."""
+def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+               weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+               skip: Optional[Tensor], skip_scale: Optional[Tensor],
+               skip_shift: Optional[Tensor], skip_weight: Optional[Tensor],
+               skip_bias: Optional[Tensor], skip_running_mean: Optional[Tensor],
+               skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
+               factor: Optional[Tensor], relu: bool,
+               write_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y = act(factor[n]*(z*scale + shift) + skip), its packed ReLU mask, and in eval mode
+    (scale None: derived from the running statistics) the [4, C] statistics it used."""
     return tuple(implementation(z.device).bn_act_fwd(
-        z, scale, shift, skip, skip_scale, skip_shift, factor, relu, write_mask))
+        z, scale, shift, weight, bias, running_mean, running_var, eps, skip, skip_scale,
+        skip_shift, skip_weight, skip_bias, skip_running_mean, skip_running_var, skip_eps,
+        skip_norm, factor, relu, write_mask))
 
 
 @bn_act_fwd.register_fake
-def _(z, scale, shift, skip, skip_scale, skip_shift, factor, relu, write_mask):
+def _(z, scale, shift, weight, bias, running_mean, running_var, eps, skip, skip_scale,
+      skip_shift, skip_weight, skip_bias, skip_running_mean, skip_running_var, skip_eps,
+      skip_norm, factor, relu, write_mask):
     y = torch.empty_like(z, memory_format=memory_format(z))
     mask = z.new_empty(mask_shape(z) if write_mask else (0,), dtype=torch.uint8)
-    return y, mask
+    C, sdt = z.shape[1], stats_dtype(z)
+    stats = z.new_empty((4, C) if scale is None else (0,), dtype=sdt)
+    skip_stats = z.new_empty((4, C) if skip_norm and skip_scale is None else (0,), dtype=sdt)
+    return y, mask, stats, skip_stats
 
 
 @torch.library.custom_op("fusedres::bn_act_bwd", mutates_args=())
@@ -98,16 +112,15 @@ def _(x):
 def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                           running_mean: Optional[Tensor], running_var: Optional[Tensor],
                           num_batches_tracked: Optional[Tensor], momentum: Optional[float],
-                          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """bn_stats of the union of the batches whose moments are stacked as [R, 3, C]."""
-    return tuple(implementation(moments.device).bn_stats_from_moments(
-        moments, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps))
+                          eps: float) -> Tensor:
+    """bn_stats ([4, C]) of the union of the batches whose moments are stacked as [R, 3, C]."""
+    return implementation(moments.device).bn_stats_from_moments(
+        moments, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
 @bn_stats_from_moments.register_fake
 def _(moments, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
-    C = moments.shape[2]
-    return tuple(moments.new_empty(C) for _ in range(4))
+    return moments.new_empty((4, moments.shape[2]))
 
 
 @torch.library.custom_op("fusedres::bn_act_bwd_reduce", mutates_args=())
@@ -163,27 +176,12 @@ def _backend(device: torch.device):
     return implementation(device)
 
 
-def _eval_stats(z: Tensor, p: BNParams, eps: float) -> BNStats:
-    """The running-statistics normalisation of one BN, as nn.BatchNorm2d computes it."""
-    sdt = stats_dtype(z)
-    mean = p.running_mean.to(sdt)
-    rstd = torch.rsqrt(p.running_var.to(sdt) + eps)
-    scale = rstd * p.weight.to(sdt) if p.weight is not None else rstd
-    shift = p.bias.to(sdt) - mean * scale if p.bias is not None else -mean * scale
-    return BNStats(mean, rstd, scale, shift)
-
-
-def _stats_of(z: Tensor, norm: Optional[Norm]) -> Optional[BNStats]:
-    if norm is None:
-        return None
-    return norm.stats if norm.stats is not None else _eval_stats(z, norm.params, norm.eps)
-
-
 def run_bn_stats(x: Tensor, p: BNParams, momentum: Optional[float], eps: float) -> BNStats:
-    """Batch statistics of x; updates p's running statistics when p.running_mean is set."""
+    """Batch statistics of x; updates p's running statistics (and counts the batch) when
+    p.running_mean is set. One launch on the triton backend."""
     impl = _backend(x.device)
     fn = impl.bn_stats if impl is not None else bn_stats
-    return BNStats(*fn(x, *p, momentum, eps))
+    return BNStats(*fn(x, *p, momentum, eps).unbind(0))
 
 
 def run_bn_moments(x: Tensor) -> Tensor:
@@ -197,18 +195,33 @@ def run_bn_stats_from_moments(moments: Tensor, p: BNParams, momentum: Optional[f
     """bn_stats of the union of the batches whose moments are stacked as [R, 3, C]."""
     impl = _backend(moments.device)
     fn = impl.bn_stats_from_moments if impl is not None else bn_stats_from_moments
-    return BNStats(*fn(moments, *p, momentum, eps))
+    return BNStats(*fn(moments, *p, momentum, eps).unbind(0))
+
+
+def _flat_norm(norm: Optional[Norm]) -> tuple:
+    """(scale, shift, weight, bias, running_mean, running_var, eps) of one Norm: the batch
+    statistics' scale/shift, or (eval) the parameters the epilogue derives them from."""
+    if norm is None:
+        return None, None, None, None, None, None, 0.0
+    p = norm.params
+    if norm.stats is not None:
+        return norm.stats.scale, norm.stats.shift, None, None, None, None, norm.eps
+    return None, None, p.weight, p.bias, p.running_mean, p.running_var, norm.eps
 
 
 def run_bn_act_fwd(z: Tensor, norm: Norm, skip: Optional[Tensor], skip_norm: Optional[Norm],
                    factor: Optional[Tensor], relu: bool, write_mask: bool) -> ActOut:
-    """y = act(factor[n]*bn(z) + skip), skip = r | bn_d(zd); see records.ActOut."""
-    st, st_d = _stats_of(z, norm), _stats_of(z, skip_norm)
+    """y = act(factor[n]*bn(z) + skip), skip = r | bn_d(zd); see records.ActOut. In eval
+    mode (Norm.stats None) the epilogue derives the statistics: one launch, no other op."""
     impl = _backend(z.device)
     fn = impl.bn_act_fwd if impl is not None else bn_act_fwd
-    y, mask = fn(z, st.scale, st.shift, skip, None if st_d is None else st_d.scale,
-                 None if st_d is None else st_d.shift, factor, relu, write_mask)
-    return ActOut(y, mask, st, st_d)
+    y, mask, st, st_d = fn(z, *_flat_norm(norm), skip, *_flat_norm(skip_norm),
+                           skip_norm is not None, factor, relu, write_mask)
+    stats = norm.stats if norm.stats is not None else BNStats(*st.unbind(0))
+    if skip_norm is None:
+        return ActOut(y, mask, stats, None)
+    return ActOut(y, mask, stats,
+                  skip_norm.stats if skip_norm.stats is not None else BNStats(*st_d.unbind(0)))
 
 
 def _flat_head(a: BwdArgs) -> tuple:

@@ -59,8 +59,9 @@ def unpack_relu_mask(mask: Tensor, like: Tensor) -> Tensor:
 def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              running_mean: Optional[Tensor], running_var: Optional[Tensor],
              num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float):
-    """Batch mean, rstd, scale = gamma*rstd, shift = beta - mean*scale per channel; updates
-    the running statistics (and counts the batch) when running_mean is given."""
+    """Batch mean, rstd, scale = gamma*rstd, shift = beta - mean*scale per channel, as one
+    [4, C] tensor with those rows; updates the running statistics (and counts the batch)
+    when running_mean is given."""
     C = x.shape[1]
     sdt = stats_dtype(x)
     update = running_mean is not None
@@ -68,7 +69,7 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         num_batches_tracked.add_(1)
     if x.numel() == 0:
         zeros = x.new_zeros(C, dtype=sdt)
-        return zeros, torch.ones_like(zeros), zeros.clone(), zeros.clone()
+        return torch.stack([zeros, torch.ones_like(zeros), zeros, zeros])
     var, mean = torch.var_mean(_acc(x), dim=(0, 2, 3), correction=0)
     rstd = torch.rsqrt(var + eps)
     scale = rstd * weight.to(sdt) if weight is not None else rstd.clone()
@@ -85,7 +86,7 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         new_var = (1 - f) * running_var.to(sdt) + f * var * (count / (count - 1))
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
-    return mean, rstd, scale, shift
+    return torch.stack([mean, rstd, scale, shift])
 
 
 def bn_moments(x: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optio
                           num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                           eps: float):
     """bn_stats of the union of R batches given their bn_moments stacked as [R, 3, C]
-    (rows with count 0 take no part): the same results and running-statistics update as
+    (rows with count 0 take no part), [4, C] as bn_stats: the same results and running-statistics update as
     bn_stats on the concatenated batch, and as bn_stats on an empty batch if all are empty."""
     sdt = moments.dtype
     count, mean_r, m2_r = moments[:, 0], moments[:, 1], moments[:, 2]
@@ -127,19 +128,47 @@ def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optio
         new_var = (1 - f) * running_var.to(sdt) + f * m2 / (n - 1)
         running_mean.copy_(torch.where(empty, running_mean.to(sdt), new_mean))
         running_var.copy_(torch.where(empty, running_var.to(sdt), new_var))
-    return mean, rstd, scale, shift
+    return torch.stack([mean, rstd, scale, shift])
 
 
-def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
-               skip_scale: Optional[Tensor], skip_shift: Optional[Tensor],
+def running_stats(weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                  running_var: Tensor, eps: float, sdt: torch.dtype) -> Tensor:
+    """What eval mode normalises with, [4, C] rows (mean, rstd, scale, shift): the running
+    statistics, scale = gamma*rsqrt(running_var + eps), shift = beta - running_mean*scale."""
+    mean = running_mean.to(sdt)
+    rstd = torch.rsqrt(running_var.to(sdt) + eps)
+    scale = rstd * weight.to(sdt) if weight is not None else rstd
+    shift = (bias.to(sdt) - mean * scale) if bias is not None else -mean * scale
+    return torch.stack([mean, rstd, scale, shift])
+
+
+def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+               weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+               skip: Optional[Tensor], skip_scale: Optional[Tensor],
+               skip_shift: Optional[Tensor], skip_weight: Optional[Tensor],
+               skip_bias: Optional[Tensor], skip_running_mean: Optional[Tensor],
+               skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
                factor: Optional[Tensor], relu: bool, write_mask: bool):
-    """y = act(factor[n]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift.
-    Returns (y, packed ReLU mask or an empty uint8 tensor)."""
+    """y = act(factor[n]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift
+    (``skip_norm``). ``scale`` None (eval): scale and shift from running_stats(weight, bias,
+    running_mean, running_var, eps); likewise ``skip_scale`` None for the projection BN.
+    Returns (y, packed ReLU mask or an empty uint8 tensor, stats, skip_stats): the [4, C]
+    running_stats derived in eval mode, else empty tensors."""
+    sdt = stats_dtype(z)
+    stats, skip_stats = z.new_empty((0,), dtype=sdt), z.new_empty((0,), dtype=sdt)
+    if scale is None:
+        stats = running_stats(weight, bias, running_mean, running_var, eps, sdt)
+        scale, shift = stats[2], stats[3]
     v = _acc(z) * _per_channel(scale) + _per_channel(shift)
     if factor is not None:
         v = v * factor.to(v.dtype).view(-1, 1, 1, 1)
     if skip is not None:
-        if skip_scale is not None:
+        if skip_norm:
+            if skip_scale is None:
+                skip_stats = running_stats(skip_weight, skip_bias, skip_running_mean,
+                                           skip_running_var, skip_eps, sdt)
+                skip_scale, skip_shift = skip_stats[2], skip_stats[3]
             v = v + (_acc(skip) * _per_channel(skip_scale) + _per_channel(skip_shift))
         else:
             v = v + _acc(skip)
@@ -149,7 +178,7 @@ def bn_act_fwd(z: Tensor, scale: Tensor, shift: Tensor, skip: Optional[Tensor],
         mask = pack_relu_mask(~(v <= 0).contiguous(memory_format=memory_format(z)))
     else:
         mask = z.new_empty((0,), dtype=torch.uint8)
-    return y, mask
+    return y, mask, stats, skip_stats
 
 
 def _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
@@ -232,7 +261,7 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                rstd_d: Optional[Tensor], scale_d: Optional[Tensor],
                batch_stats: bool, batch_stats_d: bool, need_sums: bool,
                dz_add: Optional[Tensor]):
-    """Backward of bn_act_fwd; see fusedres.kernels.launch.bn_act_bwd for the contract.
+    """Backward of bn_act_fwd; see fusedres.kernels.backward.bn_act_bwd for the contract.
     It is bn_act_bwd_apply(..., bn_act_bwd_reduce(...) / M) with M = N*H*W, the terms
     computed once for both."""
     terms = _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,

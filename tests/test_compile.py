@@ -67,6 +67,16 @@ def test_opcheck_bn_stats(fmt):
         torch.library.opcheck(ops.bn_stats, args)
 
 
+def _fwd_args(z, scale, shift, skip, skip_scale, skip_shift, factor, relu, write_mask):
+    """ops.bn_act_fwd's flat arguments with batch statistics (training)."""
+    return (z, scale, shift, None, None, None, None, 1e-5, skip, skip_scale, skip_shift, None,
+            None, None, None, 1e-5, skip_scale is not None, factor, relu, write_mask)
+
+
+def _fwd(*args):
+    return ops.bn_act_fwd(*_fwd_args(*args))[:2]
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "channels_last"])
 def test_opcheck_bn_act_fwd(fmt):
     torch.manual_seed(0)
@@ -74,11 +84,17 @@ def test_opcheck_bn_act_fwd(fmt):
     _, _, scale, shift = _stats(z)
     _, _, scale_d, shift_d = _stats(zd)
     factor = torch.tensor([0.0, 1.25])
+    C = z.shape[1]
+    params = (torch.rand(C) + 0.5, torch.randn(C), torch.randn(C), torch.rand(C) + 0.5, 1e-5)
     for args in (
-        (z, scale, shift, None, None, None, None, True, False),       # inner BN + ReLU
-        (z, scale, shift, r, None, None, factor, True, True),         # identity skip, mask
-        (z, scale, shift, zd, scale_d, shift_d, None, True, True),    # projection skip
-        (z, scale, shift, r, None, None, None, False, False),         # no ReLU
+        _fwd_args(z, scale, shift, None, None, None, None, True, False),    # inner BN + ReLU
+        _fwd_args(z, scale, shift, r, None, None, factor, True, True),      # identity skip, mask
+        _fwd_args(z, scale, shift, zd, scale_d, shift_d, None, True, True),  # projection skip
+        _fwd_args(z, scale, shift, r, None, None, None, False, False),      # no ReLU
+        # eval: both BNs' scale/shift derived from the running statistics in the kernel
+        (z, None, None, *params, zd, None, None, *params, True, None, True, True),
+        (z, None, None, None, None, *params[2:], None, None, None, None, None, None, None,
+         1e-5, False, None, True, False),
     ):
         torch.library.opcheck(ops.bn_act_fwd, args)
 
@@ -90,8 +106,8 @@ def test_opcheck_bn_act_bwd(fmt):
     dy, dz_add = _t(2, 12, 5, 7, fmt=fmt), _t(2, 12, 5, 7, fmt=fmt)
     st, std = _stats(z), _stats(zd)
     factor = torch.tensor([0.0, 1.25])
-    _, mask_id = ops.bn_act_fwd(z, st[2], st[3], r, None, None, factor, True, True)
-    _, mask_pr = ops.bn_act_fwd(z, st[2], st[3], zd, std[2], std[3], None, True, True)
+    _, mask_id = _fwd(z, st[2], st[3], r, None, None, factor, True, True)
+    _, mask_pr = _fwd(z, st[2], st[3], zd, std[2], std[3], None, True, True)
     none4 = (None, None, None, None)
     for args in (
         # last BN of a block, identity shortcut, stochastic depth
@@ -123,7 +139,7 @@ def test_opcheck_synchronised_halves(fmt):
     ):
         torch.library.opcheck(ops.bn_stats_from_moments, args)
     st, std = _stats(z), _stats(zd)
-    _, mask = ops.bn_act_fwd(z, st[2], st[3], zd, std[2], std[3], None, True, True)
+    _, mask = _fwd(z, st[2], st[3], zd, std[2], std[3], None, True, True)
     head = (dy, z, *st, mask, 2, None, 2, zd, std[0], std[1])
     torch.library.opcheck(ops.bn_act_bwd_reduce, head)
     mean_sums = reference.bn_act_bwd_reduce(*head) / (2 * 5 * 7)

@@ -359,6 +359,14 @@ def _fwd_case(shape, dtype, cl, device, variant, seed=0):
     return (z, scale, shift, skip, ss, sh, factor, relu, write_mask)
 
 
+def fwd(mod, case):
+    """(y, mask) of a backend's flat bn_act_fwd for a training-mode case (z, scale, shift,
+    skip, skip_scale, skip_shift, factor, relu, write_mask)."""
+    z, scale, shift, skip, ss, sh, factor, relu, write_mask = case
+    return mod.bn_act_fwd(z, scale, shift, None, None, None, None, 0.0, skip, ss, sh, None,
+                          None, None, None, 0.0, ss is not None, factor, relu, write_mask)[:2]
+
+
 def _check_fwd(case, got, want, want64, label):
     check(f"{label} y", got[0], want[0], want64[0])
     assert got[1].dtype == torch.uint8 and got[1].shape == want[1].shape, label
@@ -377,10 +385,33 @@ def test_bn_act_fwd(request, device, variant, dtype, cl):
     shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
     for i, shape in enumerate(shapes):
         case = _fwd_case(shape, dtype, cl, device, variant, seed=i)
-        want = R.bn_act_fwd(*case)
-        want64 = R.bn_act_fwd(*[up(a) if isinstance(a, torch.Tensor) else a for a in case])
+        want = fwd(R, case)
+        want64 = fwd(R, [up(a) if isinstance(a, torch.Tensor) else a for a in case])
         for name, mod in impls(device, ops, cuda_ops):
-            _check_fwd(case, mod.bn_act_fwd(*case), want, want64, f"{name} {shape}")
+            _check_fwd(case, fwd(mod, case), want, want64, f"{name} {shape}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_act_fwd_eval(request, device, cl):
+    """Eval mode (no scale/shift): both BNs normalise with their running statistics and the
+    [4, C] statistics used come back, as the reference derives them."""
+    ops, cuda_ops = _device_ops(request, device)
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 24, 5, 6)
+    C = shape[1]
+    z, zd = make(shape, torch.float32, cl, device, gen=g), make(shape, torch.float32, cl, device, gen=g)
+
+    def params():
+        return ((torch.rand(C, generator=g) + 0.5).to(device), torch.randn(C, generator=g).to(device),
+                torch.randn(C, generator=g).to(device), (torch.rand(C, generator=g) + 0.5).to(device),
+                1e-5)
+    case = (z, None, None, *params(), zd, None, None, *params(), True, None, True, True)
+    want = R.bn_act_fwd(*case)
+    for name, mod in impls(device, ops, cuda_ops):
+        got = mod.bn_act_fwd(*case)
+        for what, a, e in zip(("y", "mask", "stats", "skip stats"), got, want):
+            check(f"{name} {what}", a, e)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -392,9 +423,9 @@ def test_bn_act_fwd_nan_inf(request, device):
         z = case[0].clone()
         z[0, 1, 2, 3], z[1, 5, 0, 0], z[1, 7, 4, 5] = float("nan"), float("inf"), -float("inf")
         case[0] = z
-        want = R.bn_act_fwd(*case)
+        want = fwd(R, case)
         for name, mod in impls(device, ops, cuda_ops):
-            y, m = mod.bn_act_fwd(*case)
+            y, m = fwd(mod, case)
             torch.testing.assert_close(y, want[0], equal_nan=True, msg=name)
             assert torch.equal(m, want[1]), name
 
@@ -450,7 +481,7 @@ def _bwd_case(shape, dtype, cl, device, variant, seed=0):
     if mask_mode == 2:
         skip = zd if skip_mode == 2 else make(shape, dtype, cl, device, gen=g)
         if N:
-            mask = R.bn_act_fwd(z, scale, shift, skip, scale_d, shift_d, factor, True, True)[1]
+            mask = fwd(R, (z, scale, shift, skip, scale_d, shift_d, factor, True, True))[1]
         else:  # the reference cannot pack an empty mask (reshape of 0 elements with -1)
             mask = torch.zeros(mask_shape(z), dtype=torch.uint8, device=device)
     dz_add = make(shape, dtype, cl, device, gen=g) if has_add else None
@@ -552,7 +583,7 @@ def test_bn_act_fwd_zero_batch(request, device):
     for cl in (False, True):
         case = _fwd_case((0, 24, 7, 7), torch.float32, cl, device, "projection_factor")
         for name, mod in impls(device, ops, cuda_ops):
-            y, m = mod.bn_act_fwd(*case)
+            y, m = fwd(mod, case)
             assert y.shape == case[0].shape and m.shape == mask_shape(case[0]), name
 
 
@@ -614,11 +645,11 @@ def test_errors(ops):
     z = torch.randn(2, 8, 3, 3)
     s = torch.ones(8)
     with pytest.raises(ValueError, match="z must be 4-D"):
-        ops.bn_act_fwd(z[0], s, s, None, None, None, None, True, False)
+        fwd(ops, (z[0], s, s, None, None, None, None, True, False))
     with pytest.raises(TypeError, match="skip must have dtype"):
-        ops.bn_act_fwd(z, s, s, z.double(), None, None, None, True, False)
+        fwd(ops, (z, s, s, z.double(), None, None, None, True, False))
     with pytest.raises(ValueError, match="scale must have 8 elements"):
-        ops.bn_act_fwd(z, torch.ones(5), s, None, None, None, None, True, False)
+        fwd(ops, (z, torch.ones(5), s, None, None, None, None, True, False))
     with pytest.raises(ValueError, match="mask_mode 2 needs"):
         ops.bn_act_bwd(z, z, s, s, s, s, None, 2, None, 0, None, None, None, None,
                        True, False, True, None)

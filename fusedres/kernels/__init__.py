@@ -1,7 +1,12 @@
-"""Triton kernels and their launchers. Nothing else in fusedres imports triton."""
+"""Triton kernels and their launchers. Nothing else in fusedres imports triton.
+
+The flat primitives below are the boundary: one launcher per op, beside its kernel
+(stats.py, epilogue.py, backward.py)."""
+from .backward import bn_act_bwd, bn_act_bwd_apply, bn_act_bwd_reduce
 from .config import TileConfig, interpreting, tile_config
-from .launch import (LAUNCHES, bn_act_bwd, bn_act_bwd_apply, bn_act_bwd_reduce, bn_act_fwd,
-                     bn_moments, bn_stats, bn_stats_from_moments)
+from .epilogue import bn_act_fwd
+from .launch import LAUNCHES
+from .stats import bn_moments, bn_stats, bn_stats_from_moments
 
 __all__ = ["LAUNCHES", "TileConfig", "bn_act_bwd", "bn_act_bwd_apply", "bn_act_bwd_reduce",
            "bn_act_fwd", "bn_moments", "bn_stats", "bn_stats_from_moments", "interpreting",

@@ -1,4 +1,5 @@
-"""Backward of the fused epilogue: batch norm (+ ReLU, + residual, + projection BN).
+"""Backward of the fused epilogue: batch norm (+ ReLU, + residual, + projection BN), and
+its launchers.
 
 With g = where(relu passed, dy, 0), g_b = f_n * g on the branch and xhat = (z - mean)*rstd:
 
@@ -8,17 +9,32 @@ With g = where(relu passed, dy, 0), g_b = f_n * g on the branch and xhat = (z - 
     dz    = scale * g_b                                      (running statistics)
     dskip = g   (identity shortcut)     dzd: the same formula with g and the projection BN
 
-Three passes, no atomics: ``_bn_act_bwd_reduce_kernel`` writes per-program partial sums,
-``_sum_partials_kernel`` adds them up per channel in a fixed order, and
-``_bn_act_bwd_apply_kernel`` writes dz (and dzd or dskip). The ReLU mask is recomputed from
-z and the saved scale/shift (inner BN+ReLU) or read from the forward's packed bits (after a
-residual add), so no activation is saved for the backward.
+Two launches: ``_bn_act_bwd_reduce_kernel`` writes per-program partial sums, and the last
+program of each channel block (a ticket on a zeroed counter) adds them up in partial-index
+order, so the sums are the same bit for bit every run; ``_bn_act_bwd_apply_kernel`` then
+writes dz (and dzd or dskip). The ReLU mask is recomputed from z and the saved scale/shift
+(inner BN+ReLU) or read from the forward's packed bits (after a residual add), so no
+activation is saved for the backward. Synchronised batch norm calls the two halves itself,
+with an all-reduce of the sums between.
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, mask_sample_base,
-                      program_tile, relu_grad, relu_keep, sample_base, unpack_bits)
+from . import config
+from ..layout import is_channels_last, stats_dtype
+from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, load_tile,
+                      mask_sample_base, program_tile, relu_grad, relu_keep, store_tile,
+                      unpack_bits)
+from .config import SAMPLE_COUNTS, tile_config
+from .launch import (acc_dtype, as_dtype, counters, in_layout, launch, num_sms, scratch,
+                     shape3)
+
+Tensor = torch.Tensor
 
 @triton.jit
 def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
@@ -34,7 +50,7 @@ def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_
     return tl.where(valid, relu_grad(dy, keep | no_relu), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_act_bwd_reduce_kernel(
     dy_ptr,          # [N, C, H, W] gradient of the epilogue's output
     z_ptr,           # [N, C, H, W] conv output the BN normalised
@@ -47,22 +63,29 @@ def _bn_act_bwd_reduce_kernel(
     zd_ptr,          # [N, C, H, W] projection conv output (SKIP_BN)
     mean_d_ptr,      # [C] (SKIP_BN)
     rstd_d_ptr,      # [C] (SKIP_BN)
-    part_ptr,        # [K, P, C] out: partial sum g_b, g_b*xhat[, g, g*xhat_d]
-    N, C, HW, P,
+    part_ptr,        # [K, P, C] scratch: partial sums g_b, g_b*xhat[, g, g*xhat_d]
+    counter_ptr,     # [channel blocks] int32, zero; left zero
+    sums_ptr,        # [K, C] out: the sums
+    N, C, HW_Q, P,   # HW_Q = H*W / HW_VEC
     N_PER_PROG,
     no_relu,         # mask_mode 0: no ReLU to go through
     has_factor,
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
     SKIP_BN: tl.constexpr,     # also reduce for the projection BN
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
     pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
     has_factor = has_factor != 0
     no_relu = no_relu != 0
 
@@ -79,23 +102,19 @@ def _bn_act_bwd_reduce_kernel(
     if SKIP_BN:
         acc_gs = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
         acc_gsx = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
-    i = 0
-    while i < N_PER_PROG:
+    for i in tl.range(0, tl.minimum(N - n_start, N_PER_PROG), num_stages=NUM_STAGES):
         n = n_start + i
-        live = valid & (n < N)
-        dy = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
-        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
-        g = _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, live, no_relu,
+        dy = load_tile(dy_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
+        z = load_tile(z_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
+        g = _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
                                FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
         g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         acc_g += g_b
         acc_gx += g_b * ((z - mean) * rstd)
         if SKIP_BN:
-            zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
+            zd = load_tile(zd_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
             acc_gs += g
             acc_gsx += g * ((zd - mean_d) * rstd_d)
-        i += 1
 
     row = pid_p * C + c
     tl.store(part_ptr + row, tl.sum(acc_g, axis=1), mask=cmask)
@@ -104,31 +123,34 @@ def _bn_act_bwd_reduce_kernel(
         tl.store(part_ptr + 2 * P * C + row, tl.sum(acc_gs, axis=1), mask=cmask)
         tl.store(part_ptr + 3 * P * C + row, tl.sum(acc_gsx, axis=1), mask=cmask)
 
+    # Publish the partial (every thread's stores, then one release), take a ticket; the
+    # last program of the channel block adds the P partials up in index order.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
+    if ticket == P - 1:
+        _sum_partials(part_ptr, sums_ptr, 0, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
+        _sum_partials(part_ptr, sums_ptr, 1, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
+        if SKIP_BN:
+            _sum_partials(part_ptr, sums_ptr, 2, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
+            _sum_partials(part_ptr, sums_ptr, 3, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
+        tl.atomic_xchg(counter_ptr + pid_c, 0)
+
 
 @triton.jit
-def _sum_partials_kernel(
-    part_ptr,   # [K, P, C]
-    out_ptr,    # [K, C]
-    P, C,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    k = tl.program_id(1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+def _sum_partials(part_ptr, sums_ptr, k, P, C, c, cmask, BLOCK_P: tl.constexpr,
+                  BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """sums[k, c] = sum over p of part[k, p, c], p in order: [BLOCK_P, BLOCK_C] at a time."""
     acc = tl.zeros([BLOCK_P, BLOCK_C], ACC_DTYPE)
-    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
-    p0 = 0
-    while p0 < P:
+    for p0 in tl.range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         m = (p < P)[:, None] & cmask[None, :]
-        acc += tl.load(part_ptr + k * P * C + p[:, None] * C + c[None, :], mask=m, other=0.0)
-        p0 += BLOCK_P
-    tl.store(out_ptr + k * C + c, tl.sum(acc, axis=0), mask=cmask)
+        # .cg: read what the other SMs wrote from L2, never a stale L1 line
+        acc += tl.load(part_ptr + k * P * C + p[:, None] * C + c[None, :], mask=m, other=0.0,
+                       cache_modifier=".cg")
+    tl.store(sums_ptr + k * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_act_bwd_apply_kernel(
     dy_ptr,          # [N, C, H, W]
     z_ptr,           # [N, C, H, W]
@@ -147,20 +169,23 @@ def _bn_act_bwd_apply_kernel(
     dz_ptr,          # [N, C, H, W] out
     dskip_ptr,       # [N, C, H, W] out: g (SKIP 1) or dzd (SKIP 2)
     inv_count,       # 1/M
-    N, C, HW,
+    N, C, HW_Q,      # H*W / HW_VEC
     N_PER_PROG,
     no_relu,         # mask_mode 0: no ReLU to go through
     has_factor,
     batch_stats,     # the main BN normalised with batch statistics
     batch_stats_d,   # the projection BN did
-    has_dz_add,
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
     SKIP: tl.constexpr,        # 0 none, 1 write dskip = g, 2 write dzd
+    HAS_DZ_ADD: tl.constexpr,  # add dz_add to dz (a load in the loop: a constexpr)
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
@@ -168,7 +193,6 @@ def _bn_act_bwd_apply_kernel(
     no_relu = no_relu != 0
     batch_stats = batch_stats != 0
     batch_stats_d = batch_stats_d != 0
-    has_dz_add = has_dz_add != 0
 
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
@@ -186,25 +210,147 @@ def _bn_act_bwd_apply_kernel(
             scale_d, rstd_d, tl.load(sums_ptr + 2 * C + c, mask=stats_d, other=0.0).to(ACC_DTYPE)[:, None],
             tl.load(sums_ptr + 3 * C + c, mask=stats_d, other=0.0).to(ACC_DTYPE)[:, None], inv_count)
 
-    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
-    i = 0
-    while i < N_PER_PROG:
+    for i in tl.range(0, tl.minimum(N - n_start, N_PER_PROG), num_stages=NUM_STAGES):
         n = n_start + i
-        live = valid & (n < N)
-        dy_raw = tl.load(sample_base(dy_ptr, n, C, HW) + offs, mask=live, other=0.0)
-        z_raw = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=live, other=0.0)
+        dy_raw = load_tile(dy_ptr, n, offs, valid, C, HW)
+        z_raw = load_tile(z_ptr, n, offs, valid, C, HW)
         z = z_raw.to(ACC_DTYPE)
         g = _grad_through_relu(dy_raw.to(ACC_DTYPE), z, scale, shift, mask_ptr, n, c, s, C, HW,
-                               live, no_relu, FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
+                               valid, no_relu, FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
         g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         dz = bn_input_grad(scale, g_b, z, mean, b, k, batch_stats)
-        dz += tl.load(sample_base(dz_add_ptr, n, C, HW) + offs, mask=live & has_dz_add,
-                      other=0.0).to(ACC_DTYPE)
-        tl.store(sample_base(dz_ptr, n, C, HW) + offs, dz.to(z_raw.dtype), mask=live)
+        if HAS_DZ_ADD:
+            dz += load_tile(dz_add_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
+        store_tile(dz_ptr, n, offs, dz.to(z_raw.dtype), valid, C, HW)
         if SKIP == 1:
-            tl.store(sample_base(dskip_ptr, n, C, HW) + offs, g.to(dy_raw.dtype), mask=live)
+            store_tile(dskip_ptr, n, offs, g.to(dy_raw.dtype), valid, C, HW)
         if SKIP == 2:
-            zd = tl.load(sample_base(zd_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
+            zd = load_tile(zd_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
             dzd = bn_input_grad(scale_d, g, zd, mean_d, b_d, k_d, batch_stats_d)
-            tl.store(sample_base(dskip_ptr, n, C, HW) + offs, dzd.to(z_raw.dtype), mask=live)
-        i += 1
+            store_tile(dskip_ptr, n, offs, dzd.to(z_raw.dtype), valid, C, HW)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _bwd_prepare(dy, z, zd, dz_add, factor):
+    cl = is_channels_last(z)
+    z = in_layout(z, cl)
+    return (cl, in_layout(as_dtype(dy, z.dtype), cl), z, in_layout(zd, cl),
+            in_layout(dz_add, cl), as_dtype(factor, z.dtype))
+
+
+def _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
+                mean_d, rstd_d, sums: Tensor) -> Tensor:
+    """Fill ``sums`` [K, C] (K = 4 with a projection BN) for non-empty tensors: one launch."""
+    N, C, HW = shape3(z)
+    dev = z.device
+    skip_bn = skip_mode == 2
+    cfg = tile_config(N, C, HW, cl, "reduce", num_sms(dev), config.INTERPRET_TILES,
+                      z.element_size())
+    P = cfg.grid[0]
+    part = torch.empty((sums.shape[0], P, C), device=dev, dtype=sums.dtype)
+    launch(_bn_act_bwd_reduce_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
+           mask if mask_mode == 2 else scratch(dev, torch.uint8),
+           factor if factor is not None else z,
+           zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
+           part, counters(dev, cfg.grid[1]), sums, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG,
+           int(mask_mode == 0), int(factor is not None),
+           FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
+           BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
+           NUM_STAGES=cfg.num_stages,
+           ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
+    return sums
+
+
+def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
+               mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, sums, inv_count):
+    """(dz, dskip): the elementwise pass, with sums * inv_count the per-channel means."""
+    N, C, HW = shape3(z)
+    dev = z.device
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    dz = torch.empty_like(z, memory_format=fmt)
+    dskip = (torch.empty_like(z, memory_format=fmt) if skip_mode == 2 else
+             torch.empty_like(dy, memory_format=fmt) if skip_mode == 1 else z.new_empty(0))
+    if z.numel() == 0:
+        return dz, dskip
+    skip_bn = skip_mode == 2
+    cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
+                      z.element_size())
+    launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
+           mask if mask_mode == 2 else scratch(dev, torch.uint8),
+           factor if factor is not None else z,
+           sums if sums is not None and sums.numel() else mean,
+           zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
+           scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
+           dz, dskip if skip_mode else dz, inv_count, N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG,
+           int(mask_mode == 0), int(factor is not None), int(batch_stats),
+           int(skip_bn and batch_stats_d),
+           FROM_BITS=mask_mode == 2, SKIP=skip_mode, HAS_DZ_ADD=dz_add is not None,
+           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
+    return dz, dskip
+
+
+def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
+               mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
+               skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
+               rstd_d: Optional[Tensor], scale_d: Optional[Tensor],
+               batch_stats: bool, batch_stats_d: bool, need_sums: bool,
+               dz_add: Optional[Tensor]):
+    """Backward of bn_act_fwd for one BN (and the projection BN when skip_mode == 2): two
+    launches, the sums then the elementwise pass (one when no sum is needed).
+
+    mask_mode: 0 no ReLU, 1 recompute the ReLU from z*scale + shift, 2 packed bits.
+    skip_mode: 0 none, 1 identity (returns dskip = g), 2 projection BN over zd (returns dzd).
+    need_sums: the per-channel sums are wanted even without batch statistics (dgamma, dbeta).
+    Returns (dz, dskip, sums): dskip empty for skip_mode 0; sums [2 or 4, C] =
+    (dbeta, dgamma[, dbeta_d, dgamma_d]) in the statistics dtype, empty when not computed."""
+    N, C, HW = shape3(z)
+    cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
+    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
+    sdt = stats_dtype(z)
+    if not reduce:
+        sums = torch.empty((0,), device=z.device, dtype=sdt)
+    elif z.numel():
+        sums = _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                           skip_mode, zd, mean_d, rstd_d,
+                           torch.empty((4 if skip_mode == 2 else 2, C), device=z.device,
+                                       dtype=sdt))
+    else:
+        sums = torch.zeros((4 if skip_mode == 2 else 2, C), device=z.device, dtype=sdt)
+    dz, dskip = _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                           skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d,
+                           dz_add, sums if reduce else None, 1.0 / max(N * HW, 1))
+    return dz, dskip, sums
+
+
+def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                      shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]) -> Tensor:
+    """The per-channel sums of bn_act_bwd alone, [2 or 4, C]; zeros for an empty z."""
+    cl, dy, z, zd, _, factor = _bwd_prepare(dy, z, zd, None, factor)
+    K = 4 if skip_mode == 2 else 2
+    if z.numel() == 0:
+        return torch.zeros((K, z.shape[1]), device=z.device, dtype=stats_dtype(z))
+    return _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                       zd, mean_d, rstd_d,
+                       torch.empty((K, z.shape[1]), device=z.device, dtype=stats_dtype(z)))
+
+
+def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                     shift: Tensor, mask: Optional[Tensor], mask_mode: int,
+                     factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
+                     mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                     scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
+                     dz_add: Optional[Tensor], mean_sums: Tensor):
+    """The elementwise pass of bn_act_bwd with given per-channel means of the sums
+    (bn_act_bwd_reduce's rows divided by the count, all ranks' under synchronised batch
+    norm). Returns (dz, dskip)."""
+    cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
+    return _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+                      zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add,
+                      in_layout(mean_sums, False), 1.0)

@@ -45,6 +45,19 @@ def sample_base(ptr, n, C, HW):
 
 
 @triton.jit
+def load_tile(ptr, n, offs, mask, C, HW):
+    """One activation tile of sample n. Every activation load of every kernel is this
+    line, so the compile report finds their widths in the PTX by its line number."""
+    return tl.load(sample_base(ptr, n, C, HW) + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, n, offs, value, mask, C, HW):
+    """Store one activation tile of sample n (the only activation store, as load_tile)."""
+    tl.store(sample_base(ptr, n, C, HW) + offs, value, mask=mask)
+
+
+@triton.jit
 def mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST: tl.constexpr):
     """Pointer to sample n of a packed ReLU mask: bits run along the contiguous axis."""
     if CHANNELS_LAST:

@@ -1,73 +1,210 @@
-"""The forward epilogue of a batch norm, with the residual add and ReLU fused in.
+"""The forward epilogue of a batch norm, with the residual add and ReLU fused in, and its
+launcher.
 
     y = act( f_n * (z*scale + shift) + skip ),   act = ReLU or identity
     skip = 0 | r | zd*scale_d + shift_d       (none, identity, projection shortcut's own BN)
 
-f_n is an optional per-sample factor (stochastic depth: keep/keep_prob). Training and eval
-use the same kernel; only where scale and shift come from differs. With WRITE_MASK the kernel
-also stores which outputs pass a gradient through the ReLU as one bit per element, so the
-backward never reads the output tensor.
+f_n is an optional per-sample factor (stochastic depth: keep/keep_prob). Training passes
+the scale and shift of bn_stats. In eval mode (``running``) the kernel derives them itself
+from the BN's parameters, scale = gamma/sqrt(running_var + eps), shift = beta -
+running_mean*scale, and the first program of each channel block stores the (mean, rstd,
+scale, shift) it used for the backward: one launch per BN and no other op. With
+``write_mask`` it also stores which outputs pass a gradient through the ReLU as one bit
+per element, so the backward never reads the output tensor.
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from .bn_math import (bn_apply, mask_sample_base, program_tile, relu, relu_keep, sample_base,
-                      store_bits)
+from . import config
+from ..layout import is_channels_last, mask_shape, stats_dtype
+from ..reference import running_stats
+from .bn_math import (bn_apply, load_tile, mask_sample_base, program_tile, relu, relu_keep,
+                      store_bits, store_tile)
+from .config import SAMPLE_COUNTS, tile_config
+from .launch import acc_dtype, as_dtype, in_layout, launch, num_sms, scratch, shape3
+
+Tensor = torch.Tensor
 
 
 @triton.jit
+def norm_coefficients(c, cmask, write, scale_ptr, shift_ptr, weight_ptr, bias_ptr,
+                      running_mean_ptr, running_var_ptr, stats_ptr, C, eps, running,
+                      has_weight, has_bias, ACC_DTYPE: tl.constexpr):
+    """Per-channel (scale, shift) of one BN, [BLOCK_C, 1]: given (batch statistics), or
+    derived from the running statistics (``running``), then stored as stats [4, C] rows
+    (mean, rstd, scale, shift) where ``write``."""
+    if running != 0:
+        mean = tl.load(running_mean_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)
+        var = tl.load(running_var_ptr + c, mask=cmask, other=1.0).to(ACC_DTYPE)
+        if ACC_DTYPE == tl.float64:
+            rstd = 1.0 / tl.sqrt(var + eps)
+        else:
+            rstd = 1.0 / tl.sqrt_rn(var + eps)
+        w = tl.load(weight_ptr + c, mask=cmask & (has_weight != 0), other=1.0).to(ACC_DTYPE)
+        b = tl.load(bias_ptr + c, mask=cmask & (has_bias != 0), other=0.0).to(ACC_DTYPE)
+        scale = w * rstd
+        shift = b - mean * scale
+        wm = cmask & write
+        tl.store(stats_ptr + c, mean, mask=wm)
+        tl.store(stats_ptr + C + c, rstd, mask=wm)
+        tl.store(stats_ptr + 2 * C + c, scale, mask=wm)
+        tl.store(stats_ptr + 3 * C + c, shift, mask=wm)
+    else:
+        scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)
+        shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)
+    return scale[:, None], shift[:, None]
+
+
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
 def _bn_act_fwd_kernel(
     z_ptr,           # [N, C, H, W] conv output
     y_ptr,           # [N, C, H, W] out, same layout and dtype as z
-    scale_ptr,       # [C] fp32 gamma*rstd
+    scale_ptr,       # [C] fp32 gamma*rstd (batch statistics)
     shift_ptr,       # [C] fp32 beta - mean*scale
+    weight_ptr,      # [C] gamma (running, has_weight)
+    bias_ptr,        # [C] beta (running, has_bias)
+    running_mean_ptr,  # [C] (running)
+    running_var_ptr,   # [C] (running)
+    stats_ptr,       # [4, C] out (running): mean, rstd, scale, shift it used
     skip_ptr,        # [N, C, H, W] residual (SKIP 1) or projection conv output (SKIP 2)
-    skip_scale_ptr,  # [C] the projection BN's scale (SKIP 2)
-    skip_shift_ptr,  # [C] the projection BN's shift (SKIP 2)
+    skip_scale_ptr,  # [C] the projection BN's, as above (SKIP 2)
+    skip_shift_ptr,
+    skip_weight_ptr,
+    skip_bias_ptr,
+    skip_running_mean_ptr,
+    skip_running_var_ptr,
+    skip_stats_ptr,
     factor_ptr,      # [N] per-sample branch factor (has_factor)
     mask_ptr,        # packed ReLU bits (write_mask): [N, C, ceil(HW/8)] or [N, HW, ceil(C/8)]
-    N, C, HW,
+    N, C, HW_Q,      # H*W / HW_VEC
     N_PER_PROG,
+    eps,
+    skip_eps,
+    running,         # normalise with the running statistics (eval)
+    has_weight,
+    has_bias,
+    skip_running,
+    skip_has_weight,
+    skip_has_bias,
     has_factor,
     do_relu,
     write_mask,
     SKIP: tl.constexpr,          # 0 none, 1 tensor, 2 normalised tensor
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     # Cheap flags are run-time scalars (a switched-off operand is a predicated-off load that
     # moves no bytes); only SKIP, which changes what the loop loads, is a constexpr. That
-    # keeps the variants few enough for the compile test to build every one.
+    # keeps the variants few.
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
     has_factor = has_factor != 0
-
-    scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-    shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+    first = tl.program_id(0) == 0
+    scale, shift = norm_coefficients(c, cmask, first, scale_ptr, shift_ptr, weight_ptr,
+                                     bias_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
+                                     C, eps, running, has_weight, has_bias, ACC_DTYPE)
     if SKIP == 2:
-        skip_scale = tl.load(skip_scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
-        skip_shift = tl.load(skip_shift_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
+        skip_scale, skip_shift = norm_coefficients(
+            c, cmask, first, skip_scale_ptr, skip_shift_ptr, skip_weight_ptr, skip_bias_ptr,
+            skip_running_mean_ptr, skip_running_var_ptr, skip_stats_ptr, C, skip_eps,
+            skip_running, skip_has_weight, skip_has_bias, ACC_DTYPE)
 
-    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
-    i = 0
-    while i < N_PER_PROG:
+    for i in tl.range(0, tl.minimum(N - n_start, N_PER_PROG), num_stages=NUM_STAGES):
         n = n_start + i
-        live = valid & (n < N)
-        z = tl.load(sample_base(z_ptr, n, C, HW) + offs, mask=live, other=0.0)
+        z = load_tile(z_ptr, n, offs, valid, C, HW)
         v = bn_apply(z.to(ACC_DTYPE), scale, shift)
         v = v * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
         if SKIP == 1:
-            v += tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
+            v += load_tile(skip_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
         if SKIP == 2:
-            zd = tl.load(sample_base(skip_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE)
-            v += bn_apply(zd, skip_scale, skip_shift)
+            v += bn_apply(load_tile(skip_ptr, n, offs, valid, C, HW).to(ACC_DTYPE),
+                          skip_scale, skip_shift)
         out = tl.where(do_relu != 0, relu(v), v)
-        tl.store(sample_base(y_ptr, n, C, HW) + offs, out.to(z.dtype), mask=live)
+        store_tile(y_ptr, n, offs, out.to(z.dtype), valid, C, HW)
         if write_mask != 0:
-            keep = relu_keep(v) & live
             store_bits(mask_sample_base(mask_ptr, n, C, HW, CHANNELS_LAST),
-                       keep, c0, s0, C, HW, n < N, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
-        i += 1
+                       relu_keep(v) & valid, c0, s0, C, HW, True, BLOCK_C, BLOCK_HW,
+                       CHANNELS_LAST)
+
+
+def _norm_args(dev, sdt, scale, shift, weight, bias, running_mean, running_var, C):
+    """(pointer arguments, running flag, has_weight, has_bias, stats out) of one BN: the
+    batch statistics' scale/shift, or the running statistics to derive them from."""
+    if scale is not None:
+        sc = scratch(dev, sdt)
+        return (scale, shift, sc, sc, sc, sc, sc), (0, 0, 0), None
+    if running_mean is None or running_var is None:
+        raise ValueError("bn_act_fwd: without scale/shift (eval mode) running_mean and "
+                         f"running_var are needed, got {type(running_mean).__name__} and "
+                         f"{type(running_var).__name__}")
+    stats = torch.empty((4, C), device=dev, dtype=sdt)
+    param = weight if weight is not None else running_mean
+    return ((stats, stats, param if weight is None else weight, param if bias is None else bias,
+             running_mean, running_var, stats),
+            (1, int(weight is not None), int(bias is not None)), stats)
+
+
+def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+               weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+               skip: Optional[Tensor], skip_scale: Optional[Tensor],
+               skip_shift: Optional[Tensor], skip_weight: Optional[Tensor],
+               skip_bias: Optional[Tensor], skip_running_mean: Optional[Tensor],
+               skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
+               factor: Optional[Tensor], relu: bool, write_mask: bool):
+    """y = act(factor[n]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift.
+
+    ``scale`` None: eval, the kernel derives scale and shift from weight, bias and the
+    running statistics (likewise ``skip_scale`` None for the projection BN, ``skip_norm``).
+    Returns (y, mask, stats, skip_stats): y in z's dtype and memory format; mask the packed
+    ReLU bits (mask_shape(z), uint8) when ``write_mask``, else an empty uint8 tensor;
+    stats / skip_stats the [4, C] (mean, rstd, scale, shift) derived in eval mode, else
+    empty."""
+    N, C, HW = shape3(z)
+    cl = is_channels_last(z)
+    z = in_layout(z, cl)
+    skip = in_layout(skip, cl)
+    dev = z.device
+    sdt = stats_dtype(z)
+    y = torch.empty_like(z, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    mask = torch.empty(mask_shape(z) if write_mask else (0,), device=dev, dtype=torch.uint8)
+    main, main_flags, stats = _norm_args(dev, sdt, scale, shift, weight, bias, running_mean,
+                                         running_var, C)
+    skip_mode = 0 if skip is None else (2 if skip_norm else 1)
+    if skip_mode == 2:
+        side, side_flags, skip_stats = _norm_args(dev, sdt, skip_scale, skip_shift, skip_weight,
+                                                  skip_bias, skip_running_mean,
+                                                  skip_running_var, C)
+    else:
+        side, side_flags, skip_stats = main, (0, 0, 0), None
+    if z.numel() == 0:  # (rare: no launch, torch ops derive what eval mode returns)
+        for out, args in ((stats, (weight, bias, running_mean, running_var, eps)),
+                          (skip_stats, (skip_weight, skip_bias, skip_running_mean,
+                                        skip_running_var, skip_eps))):
+            if out is not None:
+                out.copy_(running_stats(*args, sdt))
+        return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
+                skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))
+    factor = as_dtype(factor, z.dtype)
+    cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
+                      z.element_size())
+    launch(_bn_act_fwd_kernel, cfg.grid, z, y, *main, skip if skip is not None else z,
+           *side, factor if factor is not None else z,
+           mask if write_mask else scratch(dev, torch.uint8),
+           N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps), *main_flags,
+           *side_flags, int(factor is not None), int(relu), int(write_mask),
+           SKIP=skip_mode, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
+           BLOCK_HW=cfg.BLOCK_HW, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
+    return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
+            skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))

@@ -1,146 +1,54 @@
-"""Per-channel batch statistics (the forward of batch norm's first half).
+"""Per-channel batch statistics (the forward of batch norm's first half), and their launchers.
 
     mean_c = 1/M sum_i z_ic          var_c = 1/M sum_i (z_ic - mean_c)^2       M = N*H*W
     rstd_c = 1/sqrt(var_c + eps)     scale_c = gamma_c*rstd_c     shift_c = beta_c - mean_c*scale_c
     running_mean <- (1-f)*running_mean + f*mean      running_var <- (1-f)*running_var + f*var*M/(M-1)
+    num_batches_tracked <- num_batches_tracked + 1
 
-with f = momentum, or 1/num_batches_tracked when momentum is None (cumulative average).
+with f = momentum, or 1/num_batches_tracked (after the increment) when momentum is None.
 
-Two kernels, no atomics, so the result is the same every run:
-1. ``_bn_stats_partial_kernel``: a 2-D grid of (sample chunk x position block, channel block)
-   programs. Each lane keeps a Welford (mean, M2) over the samples of its chunk; the lanes
-   of a channel are then merged with the exact equal-count formula. Writes one
-   (count, mean, M2) partial per program and channel.
-2. ``_bn_stats_finalize_kernel``: merges the partials of each channel with Chan's formula,
-   writes mean, rstd, scale, shift and updates the running statistics in their own dtype.
-   Under synchronised batch norm it runs twice: first to write this process's merged
-   (count, mean, M2) for the ranks to exchange, then over the gathered [R, 3, C] rows.
-The grid of the first kernel is sized to fill the GPU whatever the shape (config.py): one
-program per channel is what makes other Triton batch norms slow on 56x56 images.
+One launch, ``_bn_stats_partial_kernel``: a 2-D grid of (sample chunk x position block,
+channel block) programs. Each lane keeps a Welford (mean, M2) over the samples of its
+chunk in a pipelined loop; the lanes of a channel merge with the exact equal-count
+formula, and each program writes one (mean, M2) partial per channel. It then takes a
+ticket on its channel block's counter; the last program of the block merges all the
+block's partials in partial-index order (never arrival order: the result is the same bit
+for bit every run), writes mean, rstd, scale, shift, and updates the running statistics.
+The last of those merging programs counts the batch in num_batches_tracked.
+
+Synchronised batch norm keeps two steps, since the ranks exchange data between them:
+``bn_moments`` is the same kernel writing the merged (count, mean, M2) instead, and
+``_bn_stats_finalize_kernel`` merges the gathered [R, 3, C] rows of every rank.
 """
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from .bn_math import chan_combine, program_tile, sample_base, welford_update
+from . import config
+from ..layout import is_channels_last, stats_dtype
+from .bn_math import chan_combine, load_tile, program_tile, sample_base, welford_update
+from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
+from .launch import (acc_dtype, counters, hi_lo, in_layout, launch, num_sms, scratch,
+                     shape3)
+
+Tensor = torch.Tensor
 
 
 @triton.jit
-def _bn_stats_partial_kernel(
-    x_ptr,           # [N, C, H, W] conv output, NCHW or channels_last
-    part_mean_ptr,   # [P, C] mean of each partial
-    part_m2_ptr,     # [P, C] sum of squared deviations of each partial
-    part_count_ptr,  # [P] values per channel in each partial
-    N, C, HW,
-    N_PER_PROG,      # samples per program along the partial axis
-    CHANNELS_LAST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 storage
-):
-    n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
-                                                      CHANNELS_LAST)
-    pid_p = tl.program_id(0)
-
-    # Accumulate x - pivot, the pivot one value of the channel: with |mean| >> std the
-    # Welford mean would otherwise round at ulp(mean) on every step.
-    if CHANNELS_LAST:
-        pivot_offs = s0 * C + c
-    else:
-        pivot_offs = c * HW + s0
-    pivot = tl.load(sample_base(x_ptr, n_start, C, HW) + pivot_offs, mask=c < C, other=0.0)
-    pivot = pivot.to(ACC_DTYPE)[:, None]
-    mean = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    m2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
-    i = 0
-    while i < N_PER_PROG:
-        n = n_start + i
-        live = valid & (n < N)
-        x = tl.load(sample_base(x_ptr, n, C, HW) + offs, mask=live, other=0.0).to(ACC_DTYPE) - pivot
-        inv_k = 1.0 / tl.cast(i + 1, ACC_DTYPE)
-        new_mean, new_m2 = welford_update(mean, m2, x, inv_k)
-        mean = tl.where(n < N, new_mean, mean)
-        m2 = tl.where(n < N, new_m2, m2)
-        i += 1
-
-    # Every valid lane saw the same number of samples, so the lanes of a channel merge
-    # exactly: mean of means, and M2 = sum M2_l + k * sum (mean_l - mean)^2.
-    k = tl.cast(tl.minimum(N - n_start, N_PER_PROG), ACC_DTYPE)
-    lanes = tl.minimum(HW - s0, BLOCK_HW).to(ACC_DTYPE)
-    tile_mean = tl.sum(tl.where(valid, mean, 0.0), axis=1) / lanes
-    dev = tl.where(valid, mean - tile_mean[:, None], 0.0)
-    tile_m2 = tl.sum(tl.where(valid, m2, 0.0), axis=1) + k * tl.sum(dev * dev, axis=1)
-
-    cmask = c < C
-    tile_mean += tl.sum(pivot, axis=1)
-    tl.store(part_mean_ptr + pid_p * C + c, tile_mean, mask=cmask)
-    tl.store(part_m2_ptr + pid_p * C + c, tile_m2, mask=cmask)
-    if c0 == 0:
-        tl.store(part_count_ptr + pid_p, k * lanes)
-
-
-@triton.jit
-def _bn_stats_finalize_kernel(
-    part_mean_ptr,     # [P, C] rows stride_p apart
-    part_m2_ptr,       # [P, C] rows stride_p apart
-    part_count_ptr,    # [P] count_stride apart
-    weight_ptr,        # [C] gamma (has_weight)
-    bias_ptr,          # [C] beta (has_bias)
-    running_mean_ptr,  # [C] updated in place (update_running), any float dtype
-    running_var_ptr,   # [C] updated in place (update_running)
-    nbt_ptr,           # num_batches_tracked, already incremented (cumulative)
-    mean_ptr,          # [C] out: batch mean
-    rstd_ptr,          # [C] out: 1/sqrt(biased var + eps)
-    scale_ptr,         # [C] out: gamma*rstd
-    shift_ptr,         # [C] out: beta - mean*scale
-    moments_ptr,       # [3, C] out: merged (count, mean, M2) (write_moments)
-    P, C,
-    stride_p,          # between partials' rows: C for the partial kernel's, 3C for gathered moments
-    count_stride,      # between counts: 1, or 3C
-    momentum,          # running-stat factor when not cumulative, as fp32 hi + lo, so an
-    momentum_lo,       # fp64 buffer gets the whole double that PyTorch would use
-    eps,
-    has_weight,
-    has_bias,
-    update_running,
-    cumulative,        # momentum=None: factor 1/num_batches_tracked, read on the device
-    write_moments,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+def _normalise_and_update(
+    c, cmask, n_acc, mean_acc, m2_acc,
+    weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, out_ptr, C,
+    momentum, momentum_lo, eps, has_weight, has_bias, update_running, cumulative,
     ACC_DTYPE: tl.constexpr,
 ):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    n_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
-    mean_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
-    m2_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
-    # while, not for-range: triton 3.6's interpreter cannot take a run-time bound
-    p0 = 0
-    while p0 < P:
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < P
-        m = pmask[:, None] & cmask[None, :]
-        cnt = tl.load(part_count_ptr + p * count_stride, mask=pmask, other=0.0).to(ACC_DTYPE)
-        rows = p[:, None] * stride_p + c[None, :]
-        pm = tl.load(part_mean_ptr + rows, mask=m, other=0.0).to(ACC_DTYPE)
-        pq = tl.load(part_m2_ptr + rows, mask=m, other=0.0).to(ACC_DTYPE)
-        # merge this chunk of partials exactly (mean first, then deviations from it) ...
-        n_b = tl.sum(cnt, axis=0)
-        # (a chunk of empty ranks' moments adds nothing: keep 0/0 out of the merge)
-        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / tl.maximum(n_b, 1.0)
-        d = tl.where(m, pm - mean_b[None, :], 0.0)
-        m2_b = tl.sum(pq, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
-        # ... then into the running summary with Chan's formula
-        n_acc, mean_acc, m2_acc = chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
-        p0 += BLOCK_P
-
-    wm = cmask & (write_moments != 0)
-    tl.store(moments_ptr + c, n_acc, mask=wm)
-    tl.store(moments_ptr + C + c, mean_acc, mask=wm)
-    tl.store(moments_ptr + 2 * C + c, m2_acc, mask=wm)
-
-    # no value in any rank's batch: as bn_stats on an empty batch (mean 0, rstd 1, scale and
-    # shift 0, running statistics untouched)
+    """From a channel block's merged (count, mean, M2): store out = [mean, rstd, scale,
+    shift] ([4, C]) and update the running statistics. A channel with no value (an empty
+    batch on every rank) gets mean 0, rstd 1, scale and shift 0, running statistics
+    untouched, as bn_stats on an empty batch."""
     empty = n_acc == 0
     var = m2_acc / tl.maximum(n_acc, 1.0)
     if ACC_DTYPE == tl.float64:
@@ -151,13 +59,15 @@ def _bn_stats_finalize_kernel(
     b = tl.load(bias_ptr + c, mask=cmask & (has_bias != 0), other=0.0).to(ACC_DTYPE)
     rstd = tl.where(empty, 1.0, rstd)
     scale = tl.where(empty, 0.0, w * rstd)
-    tl.store(mean_ptr + c, mean_acc, mask=cmask)
-    tl.store(rstd_ptr + c, rstd, mask=cmask)
-    tl.store(scale_ptr + c, scale, mask=cmask)
-    tl.store(shift_ptr + c, tl.where(empty, 0.0, b - mean_acc * scale), mask=cmask)
+    tl.store(out_ptr + c, mean_acc, mask=cmask)
+    tl.store(out_ptr + C + c, rstd, mask=cmask)
+    tl.store(out_ptr + 2 * C + c, scale, mask=cmask)
+    tl.store(out_ptr + 3 * C + c, tl.where(empty, 0.0, b - mean_acc * scale), mask=cmask)
 
+    # the factor uses num_batches_tracked after this batch's increment, which the last
+    # merging program makes only once every merging program has read it (count_batch)
     update = cmask & (update_running != 0) & (n_acc > 0)
-    nbt = tl.load(nbt_ptr, mask=cumulative != 0, other=1)
+    nbt = tl.load(nbt_ptr, mask=cumulative != 0, other=0) + 1
     mom = tl.cast(momentum, ACC_DTYPE) + tl.cast(momentum_lo, ACC_DTYPE)
     f = tl.where(cumulative != 0, 1.0 / nbt.to(ACC_DTYPE), mom)
     rm = tl.load(running_mean_ptr + c, mask=update, other=0.0)
@@ -167,3 +77,267 @@ def _bn_stats_finalize_kernel(
     new_rv = (1.0 - f) * rv.to(ACC_DTYPE) + f * unbiased
     tl.store(running_mean_ptr + c, new_rm.to(rm.dtype), mask=update)
     tl.store(running_var_ptr + c, new_rv.to(rv.dtype), mask=update)
+
+
+@triton.jit
+def count_batch(counter_ptr, n_blocks, nbt_ptr, count):
+    """num_batches_tracked += 1, once per launch: each merging program (one per channel
+    block) takes a ticket after it has read num_batches_tracked, and the last one counts
+    the batch and resets the ticket."""
+    if count != 0:
+        tl.debug_barrier()  # every thread's read of num_batches_tracked before the release
+        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if done == n_blocks - 1:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+            tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit(do_not_specialize=SAMPLE_COUNTS)
+def _bn_stats_partial_kernel(
+    x_ptr,             # [N, C, H, W] conv output, NCHW or channels_last
+    part_ptr,          # [2, P, C] scratch: (mean, M2) of each program's partial
+    counter_ptr,       # [channel blocks + 1] int32, zero; left zero
+    weight_ptr,        # [C] gamma (has_weight)
+    bias_ptr,          # [C] beta (has_bias)
+    running_mean_ptr,  # [C] updated in place (update_running), any float dtype
+    running_var_ptr,   # [C] updated in place (update_running)
+    nbt_ptr,           # num_batches_tracked (cumulative or count)
+    out_ptr,           # out: [4, C] (mean, rstd, scale, shift), or [3, C] (count, mean, M2)
+    N, C, HW_Q, P,   # HW_Q = H*W / HW_VEC
+    N_PER_PROG,        # samples per program along the partial axis
+    momentum,          # running-stat factor when not cumulative, as fp32 hi + lo
+    momentum_lo,
+    eps,
+    has_weight,
+    has_bias,
+    update_running,
+    cumulative,        # momentum=None: factor 1/num_batches_tracked, read on the device
+    count,             # count the batch in num_batches_tracked
+    write_moments,     # bn_moments: store (count, mean, M2), nothing else
+    HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,   # fp32, or fp64 for fp64 storage
+):
+    HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
+    n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
+                                                      CHANNELS_LAST)
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cmask = c < C
+    n_here = tl.minimum(N - n_start, N_PER_PROG)
+
+    # Accumulate x - pivot, the pivot one value of the channel: with |mean| >> std the
+    # Welford mean would otherwise round at ulp(mean) on every step.
+    if CHANNELS_LAST:
+        pivot_offs = s0 * C + c
+    else:
+        pivot_offs = c * HW + s0
+    pivot = tl.load(sample_base(x_ptr, n_start, C, HW) + pivot_offs, mask=cmask, other=0.0)
+    pivot = pivot.to(ACC_DTYPE)[:, None]
+    mean = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+    for i in tl.range(0, n_here, num_stages=NUM_STAGES):
+        x = load_tile(x_ptr, n_start + i, offs, valid, C, HW).to(ACC_DTYPE) - pivot
+        mean, m2 = welford_update(mean, m2, x, 1.0 / tl.cast(i + 1, ACC_DTYPE))
+
+    # Every valid lane saw the same number of samples, so the lanes of a channel merge
+    # exactly: mean of means, and M2 = sum M2_l + k * sum (mean_l - mean)^2.
+    k = n_here.to(ACC_DTYPE)
+    lanes = tl.minimum(HW - s0, BLOCK_HW).to(ACC_DTYPE)
+    tile_mean = tl.sum(tl.where(valid, mean, 0.0), axis=1) / lanes
+    dev = tl.where(valid, mean - tile_mean[:, None], 0.0)
+    tile_m2 = tl.sum(tl.where(valid, m2, 0.0), axis=1) + k * tl.sum(dev * dev, axis=1)
+    tile_mean += tl.sum(pivot, axis=1)
+    tl.store(part_ptr + pid_p * C + c, tile_mean, mask=cmask)
+    tl.store(part_ptr + (P + pid_p) * C + c, tile_m2, mask=cmask)
+
+    # Publish the partial (every thread's stores, then one release), take a ticket.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
+    if ticket == P - 1:
+        # The last program of this channel block: merge the P partials in index order.
+        # A partial's count follows from its index: samples in its chunk x positions.
+        num_s_blocks = tl.cdiv(HW, BLOCK_HW)
+        n_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+        mean_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+        m2_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+        for p0 in tl.range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < P
+            m = pmask[:, None] & cmask[None, :]
+            k_p = tl.minimum(N - (p // num_s_blocks) * N_PER_PROG, N_PER_PROG)
+            lanes_p = tl.minimum(HW - (p % num_s_blocks) * BLOCK_HW, BLOCK_HW)
+            cnt = tl.where(pmask, k_p.to(ACC_DTYPE) * lanes_p.to(ACC_DTYPE), 0.0)
+            rows = p[:, None] * C + c[None, :]
+            # .cg: read what the other SMs wrote from L2, never a stale L1 line
+            pm = tl.load(part_ptr + rows, mask=m, other=0.0, cache_modifier=".cg")
+            pq = tl.load(part_ptr + P * C + rows, mask=m, other=0.0, cache_modifier=".cg")
+            n_acc, mean_acc, m2_acc = _merge_chunk(n_acc, mean_acc, m2_acc, cnt, pm, pq, m)
+        tl.atomic_xchg(counter_ptr + pid_c, 0)
+        if write_moments != 0:
+            tl.store(out_ptr + c, n_acc, mask=cmask)
+            tl.store(out_ptr + C + c, mean_acc, mask=cmask)
+            tl.store(out_ptr + 2 * C + c, m2_acc, mask=cmask)
+        else:
+            _normalise_and_update(c, cmask, n_acc, mean_acc, m2_acc, weight_ptr, bias_ptr,
+                                  running_mean_ptr, running_var_ptr, nbt_ptr, out_ptr, C,
+                                  momentum, momentum_lo, eps, has_weight, has_bias,
+                                  update_running, cumulative, ACC_DTYPE)
+            count_batch(counter_ptr + tl.num_programs(1), tl.num_programs(1), nbt_ptr, count)
+
+
+@triton.jit
+def _merge_chunk(n_acc, mean_acc, m2_acc, cnt, pm, pq, m):
+    """Merge a [BLOCK_P, BLOCK_C] chunk of (count, mean, M2) summaries exactly (mean first,
+    then deviations from it), then into the running summary with Chan's formula. A chunk
+    of empty summaries (empty ranks' moments) adds nothing: 0/0 stays out."""
+    n_b = tl.sum(cnt, axis=0)
+    mean_b = tl.sum(cnt[:, None] * pm, axis=0) / tl.maximum(n_b, 1.0)
+    d = tl.where(m, pm - mean_b[None, :], 0.0)
+    m2_b = tl.sum(pq, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
+    return chan_combine(n_acc, mean_acc, m2_acc, n_b + tl.zeros_like(n_acc), mean_b, m2_b)
+
+
+@triton.jit(do_not_specialize=("R",))
+def _bn_stats_finalize_kernel(
+    moments_ptr,       # [R, 3, C] every rank's (count, mean, M2)
+    counter_ptr,       # [1] int32, zero; left zero
+    weight_ptr,        # [C] gamma (has_weight)
+    bias_ptr,          # [C] beta (has_bias)
+    running_mean_ptr,  # [C] updated in place (update_running)
+    running_var_ptr,   # [C] updated in place (update_running)
+    nbt_ptr,           # num_batches_tracked (cumulative or count)
+    out_ptr,           # [4, C] out: mean, rstd, scale, shift
+    R, C,
+    momentum,
+    momentum_lo,
+    eps,
+    has_weight,
+    has_bias,
+    update_running,
+    cumulative,
+    count,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    mean_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    m2_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    for p0 in tl.range(0, R, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < R
+        m = pmask[:, None] & cmask[None, :]
+        rows = p[:, None] * (3 * C) + c[None, :]
+        # every channel of a rank has the same count: read it from channel 0
+        cnt = tl.load(moments_ptr + p * (3 * C), mask=pmask, other=0.0).to(ACC_DTYPE)
+        pm = tl.load(moments_ptr + C + rows, mask=m, other=0.0).to(ACC_DTYPE)
+        pq = tl.load(moments_ptr + 2 * C + rows, mask=m, other=0.0).to(ACC_DTYPE)
+        n_acc, mean_acc, m2_acc = _merge_chunk(n_acc, mean_acc, m2_acc, cnt, pm, pq, m)
+    _normalise_and_update(c, cmask, n_acc, mean_acc, m2_acc, weight_ptr, bias_ptr,
+                          running_mean_ptr, running_var_ptr, nbt_ptr, out_ptr, C, momentum,
+                          momentum_lo, eps, has_weight, has_bias, update_running, cumulative,
+                          ACC_DTYPE)
+    count_batch(counter_ptr, tl.num_programs(0), nbt_ptr, count)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _running_args(x_dev, weight, bias, running_mean, running_var, num_batches_tracked,
+                  momentum, eps, out):
+    """The BN-parameter arguments shared by both kernels, stand-ins where absent."""
+    update = running_mean is not None
+    count = update and num_batches_tracked is not None
+    cumulative = update and momentum is None
+    param = weight if weight is not None else (running_mean if update else
+                                               bias if bias is not None else out)
+    nbt = num_batches_tracked if count else scratch(x_dev, torch.int64)
+    return ((weight if weight is not None else param, bias if bias is not None else param,
+             running_mean if update else param, running_var if update else param, nbt, out),
+            (*hi_lo(0.0 if momentum is None else float(momentum)), float(eps),
+             int(weight is not None), int(bias is not None), int(update), int(cumulative),
+             int(count)))
+
+
+def _empty_batch_stats(x: Tensor, num_batches_tracked, update: bool) -> Tensor:
+    """bn_stats of an empty batch, as PyTorch: statistics untouched, the batch counted."""
+    if update and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    out = torch.zeros((4, x.shape[1]), device=x.device, dtype=stats_dtype(x))
+    out[1] = 1.0
+    return out
+
+
+def _stats_launch(x: Tensor, out: Tensor, bn_args, flags, write_moments: bool):
+    N, C, HW = shape3(x)
+    cl = is_channels_last(x)
+    x = in_layout(x, cl)
+    dev = x.device
+    cfg = tile_config(N, C, HW, cl, "stats", num_sms(dev), config.INTERPRET_TILES,
+                      x.element_size())
+    P = cfg.grid[0]
+    part = torch.empty((2, P, C), device=dev, dtype=out.dtype)
+    launch(_bn_stats_partial_kernel, cfg.grid, x, part, counters(dev, cfg.grid[1] + 1),
+           *bn_args, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(write_moments),
+           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+           BLOCK_P=cfg.BLOCK_P, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), num_warps=cfg.num_warps)
+
+
+def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             running_mean: Optional[Tensor], running_var: Optional[Tensor],
+             num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+             eps: float) -> Tensor:
+    """Batch statistics of x per channel, one launch; updates the running statistics and
+    counts the batch in num_batches_tracked when running_mean is given.
+
+    Returns one [4, C] tensor, rows (mean, rstd, scale, shift), fp32 (fp64 for fp64 x)."""
+    if x.numel() == 0:
+        return _empty_batch_stats(x, num_batches_tracked, running_mean is not None)
+    out = torch.empty((4, x.shape[1]), device=x.device, dtype=stats_dtype(x))
+    bn_args, flags = _running_args(x.device, weight, bias, running_mean,
+                                   running_var, num_batches_tracked, momentum, eps, out)
+    _stats_launch(x, out, bn_args, flags, False)
+    return out
+
+
+def bn_moments(x: Tensor) -> Tensor:
+    """This process's (count, mean, M2) per channel as [3, C], for the ranks to exchange
+    under synchronised batch norm; zeros for an empty x. See fusedres.reference."""
+    C = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros((3, C), device=x.device, dtype=stats_dtype(x))
+    out = torch.empty((3, C), device=x.device, dtype=stats_dtype(x))
+    bn_args, flags = _running_args(x.device, None, None, None, None, None, 0.0,
+                                   1.0, out)
+    _stats_launch(x, out, bn_args, flags, True)
+    return out
+
+
+def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                          eps: float) -> Tensor:
+    """bn_stats of the union of R batches from their bn_moments stacked as [R, 3, C];
+    one launch. Returns [4, C] (mean, rstd, scale, shift)."""
+    R, _, C = moments.shape
+    moments = moments.contiguous()
+    dev = moments.device
+    out = torch.empty((4, C), device=dev, dtype=moments.dtype)
+    bn_args, flags = _running_args(dev, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, momentum, eps, out)
+    block_p, block_c, grid = finalize_config(C, R, config.INTERPRET_TILES)
+    launch(_bn_stats_finalize_kernel, grid, moments, counters(dev, 1), *bn_args, R, C, *flags,
+           BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(moments),
+           num_warps=NUM_WARPS)
+    return out
+
+
