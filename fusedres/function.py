@@ -151,9 +151,11 @@ def _conv_backward(dout: Tensor, inp: Tensor, w: Tensor, cs: ConvSpec, need_in: 
                    need_w: bool):
     if not (need_in or need_w):
         return None, None
+    dt = w.dtype  # (autocast: the gradient and input in the convolution's dtype)
     gi, gw, _ = torch.ops.aten.convolution_backward(
-        dout.to(w.dtype), inp.to(w.dtype), w, None, cs.stride, cs.padding, cs.dilation, False,
-        (0, 0), cs.groups, [need_in, need_w, False])
+        dout if dout.dtype == dt else dout.to(dt), inp if inp.dtype == dt else inp.to(dt), w,
+        None, cs.stride, cs.padding, cs.dilation, False, (0, 0), cs.groups,
+        [need_in, need_w, False])
     return gi, gw
 
 
@@ -347,7 +349,8 @@ class _Grads:
         for field, r in ((_GAMMA, row + 1), (_BETA, row)):
             dt = self.ctx.dtypes[j + field]
             if dt is not None and self.needs[j + field]:
-                self.out[j + field] = sums[r].to(dt)
+                g = sums[r]
+                self.out[j + field] = g if g.dtype == dt else g.to(dt)
 
 
 class FusedResidualBlock(torch.autograd.Function):

@@ -24,8 +24,21 @@ _CHANNELS_LAST = torch.channels_last
 _CONTIGUOUS = torch.contiguous_format
 
 
+_SMS: dict = {}
+
+
 def num_sms(device: torch.device) -> int:
-    """SMs of a CUDA device (1 elsewhere: the interpreter runs programs one by one)."""
+    """SMs of a CUDA device (1 elsewhere: the interpreter runs programs one by one);
+    memoised per device, since every launch asks."""
+    n = _SMS.get(device)
+    if n is None:
+        n = _num_sms(device)
+        if device.type != "cuda" or device.index is not None:  # (None: the current device)
+            _SMS[device] = n
+    return n
+
+
+def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "meta":  # the compile report's stand-in for a GPU
