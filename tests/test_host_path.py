@@ -18,6 +18,7 @@ from fusedres import plan as plan_mod
 from fusedres import reference as R
 
 from checks import HAS_CUDA, INTERPRET, TRITON_DEVICES
+from test_convert import randomize
 
 # What a host-device synchronisation, or a tensor made for a Python scalar, looks like to
 # a user of the profiler or of a dispatch mode.
@@ -35,17 +36,6 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _randomize(block: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return block
-
-
 BLOCKS = {
     "basic": lambda: R.BasicBlock(8, 8),
     "bottleneck_proj": lambda: R.Bottleneck(8, 4, stride=2, downsample=R.projection(8, 16, 2)),
@@ -55,7 +45,7 @@ BLOCKS = {
 
 def _pair(name: str, device: str):
     torch.manual_seed(0)
-    ref = _randomize(BLOCKS[name]()).to(device).double()
+    ref = randomize(BLOCKS[name]()).to(device).double()
     return ref, fusedres.convert(copy.deepcopy(ref))
 
 
