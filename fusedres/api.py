@@ -24,8 +24,8 @@ forward through the original and the fused model:
    the error of the same computation with truncating rounding (the fused model on the
    reference backend, each of its fp32 -> bf16 casts truncated) plus PyTorch's own.
 
-benchmark times eager, fused, and on request torch.compile and fused + torch.compile (and
-``fusedres.fold_for_inference`` when this fusedres has it) on one input, on a CUDA GPU.
+benchmark times eager, fused, and on request torch.compile and fused + torch.compile (and,
+for inference, ``fusedres.fold_for_inference``'s model) on one input, on a CUDA GPU.
 Without one it checks that the model converts and runs instead, and says so.
 """
 from __future__ import annotations
@@ -700,16 +700,11 @@ def _providers(original: nn.Module, mode: str, torchcompile: Optional[str], fold
         out["torch.compile"] = lambda: torch.compile(copy.deepcopy(original), backend=torchcompile)
         out["fused+compile"] = lambda: torch.compile(_converted(original), backend=torchcompile)
     if folded and mode == "inference":
-        import fusedres
-        fold = getattr(fusedres, "fold_for_inference", None)
-        if fold is None:
-            if "no fold_for_inference" not in " ".join(notes):
-                notes.append("folded: skipped: this fusedres has no fold_for_inference")
-        else:
-            def build_folded():
-                m = copy.deepcopy(original).eval()
-                return fold(m) or m
-            out["folded"] = build_folded
+        from .inference import fold_for_inference
+
+        def build_folded():
+            return fold_for_inference(copy.deepcopy(original).eval())
+        out["folded"] = build_folded
     return out
 
 
@@ -735,7 +730,7 @@ def benchmark(model: nn.Module, example_input: Tensor, *, bench: str = "both",
               name: Optional[str] = None, progress: bool = False) -> BenchResult:
     """Time eager and fused (and with ``torchcompile``, a torch.compile backend name such as
     'inductor', torch.compile and fused + torch.compile; with ``folded``, the model after
-    fusedres.fold_for_inference when it exists, inference only) on ``example_input``.
+    fusedres.fold_for_inference, inference only) on ``example_input``.
 
     timm benchmark.py's meanings: ``bench`` 'inference', 'train' or 'both'; ``precision``
     'float32', 'float16', 'bfloat16' (model and input in that dtype) or 'amp' (autocast to

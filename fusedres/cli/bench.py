@@ -4,7 +4,7 @@ Options follow timm's benchmark.py where they apply (--model, --bench, -b/--batc
 --img-size, --input-size, --precision, --amp, --channels-last, --torchcompile,
 --results-file, --num-warm-iter, --num-bench-iter). One run times eager and fused, with
 --torchcompile also torch.compile and fused + torch.compile, and for inference the model
-after fusedres.fold_for_inference where this fusedres has it, all on one input; it prints
+after fusedres.fold_for_inference, all on one input; it prints
 samples/s, ms per step, peak memory and the ratios, and --results-file writes them as JSON
 (pytest-benchmark's layout; python bench/report.py FILE makes the markdown table).
 
