@@ -691,8 +691,8 @@ def _time_cuda(fn: Callable[[], None], warmup: int, iters: int) -> tuple:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20
 
 
-def _providers(original: nn.Module, mode: str, torchcompile: Optional[str], folded: bool,
-               notes: list) -> dict:
+def _providers(original: nn.Module, mode: str, torchcompile: Optional[str],
+               folded: bool) -> dict:
     """name -> a zero-argument builder of that provider's model (built when timed, so one
     provider's memory is freed before the next)."""
     out = {"eager": lambda: copy.deepcopy(original), "fused": lambda: _converted(original)}
@@ -776,7 +776,7 @@ def benchmark(model: nn.Module, example_input: Tensor, *, bench: str = "both",
             steps.close()
         return result
     plan = [(mode, p, build) for mode in modes for p, build in
-            _providers(original, mode, torchcompile, folded, result.notes).items()]
+            _providers(original, mode, torchcompile, folded).items()]
     steps = Progress(progress, len(plan), f"fusedres bench {result.model}")
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # as timm's benchmark.py; put back afterwards
