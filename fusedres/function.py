@@ -70,6 +70,9 @@ class BlockSpec:
     skip: bool = True          # False: the plain (no-shortcut) form of the block
     aa: Optional[AASpec] = None  # anti-aliasing step after one inner activation (timm's aa)
     group: Any = dataclasses.field(default=None, compare=False)  # process group of the BNs with sync
+    # {backend: Sites}: the bound epilogues of a plan a module caches (filled by its first
+    # call on each backend); None for a plan made for one call
+    sites: Optional[dict] = dataclasses.field(default=None, compare=False)
 
 
 class Slots(NamedTuple):
@@ -188,10 +191,31 @@ def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None) -> tuple[Norm, Opt
     return Norm(ops.run_bn_stats(z, upd, bs.momentum, bs.eps), p, bs.eps), None
 
 
-def _bn_relu(z: Tensor, norm: Norm):
+def _bn_relu(z: Tensor, norm: Norm, sites=None, i: int = 0):
     """(relu(bn(z)), the BNStats it used)."""
-    out = ops.run_bn_act_fwd(z, norm, None, None, None, True, False)
+    out = _epilogue(sites, i, z, norm, None, None, None, True, False)
     return out.y, out.stats
+
+
+class Sites(NamedTuple):
+    """A cached plan's bound epilogues (ops.bind_bn_act_fwd), one per call site in call
+    order, made by its first call on backend ``impl``; ``keep_stats`` as bound."""
+    impl: Any
+    fwd: list
+    keep_stats: bool
+
+
+def _epilogue(sites: Optional[Sites], i: int, z: Tensor, norm: Norm, skip, skip_norm,
+              factor, relu: bool, write_mask: bool):
+    """ops.run_bn_act_fwd, through call site i's binding where the plan keeps them."""
+    if sites is None:
+        return ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
+    if i == len(sites.fwd):
+        sites.fwd.append(ops.bind_bn_act_fwd(sites.impl, z, norm, skip, skip_norm, factor,
+                                             relu, write_mask, sites.keep_stats))
+    elif i > len(sites.fwd):  # (another thread is making them: run unbound)
+        return ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
+    return sites.fwd[i](z, norm, skip, skip_norm, factor)
 
 
 def _same_layout(t: Tensor, like: Tensor) -> Tensor:
@@ -208,19 +232,33 @@ def _stats_norm(stats: BNStats) -> Norm:
 # --------------------------------------------------------------------------------------
 
 
+def _sites(spec: BlockSpec, x: Tensor, keep_stats: bool) -> Optional[Sites]:
+    """The spec's bound epilogues for the backend x runs on (None: call the ops unbound)."""
+    if spec.sites is None:
+        return None
+    impl = ops.backend_of(x)
+    if impl is None:  # torch.compile traces: nothing is bound
+        return None
+    sites = spec.sites.get(impl)
+    if sites is None:
+        sites = spec.sites[impl] = Sites(impl, [], keep_stats)
+    return sites
+
+
 def block_forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors,
                   save: bool):
     """Run the block; returns (out, Saved or None)."""
+    sites = _sites(spec, x, keep_stats=save)
     sl = slots(len(spec.convs))
     W = [tensors[i] for i in sl.w]
     P = [BNParams(*tensors[i:i + 5]) for i in sl.bn]
     if spec.preact:
-        return _forward_preact(spec, x, factor, W, P, tensors[sl.wd], save)
+        return _forward_preact(spec, x, factor, W, P, tensors[sl.wd], save, sites)
     return _forward_post(spec, x, factor, W, P, tensors[sl.wd],
-                         BNParams(*tensors[sl.bnd:sl.bnd + 5]), tensors[sl.aa], save)
+                         BNParams(*tensors[sl.bnd:sl.bnd + 5]), tensors[sl.aa], save, sites)
 
 
-def _forward_post(spec, x, factor, W, P, wd, pd, filt, save):
+def _forward_post(spec, x, factor, W, P, wd, pd, filt, save, sites=None):
     k = len(spec.convs)
     zs, bns, acts = [], [], []
     # Keep conv outputs and activations only when the backward needs them: in inference
@@ -229,7 +267,7 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save):
     for i in range(k - 1):
         z = _conv(h, W[i], spec.convs[i])
         norm, count = normalise(z, P[i], spec.bns[i], spec.group)
-        h, stats = _bn_relu(z, norm)
+        h, stats = _bn_relu(z, norm, sites, i)
         if spec.aa is not None and spec.aa.after == i:
             h = aa_forward(h, spec.aa, filt)
         if save:
@@ -244,13 +282,13 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save):
         xp = _pool(x, spec.proj_pool)
         zd = _conv(xp, wd, spec.proj)
         norm_d, count_d = normalise(zd, pd, spec.proj_bn, spec.group)
-        out = ops.run_bn_act_fwd(z, norm, _same_layout(zd, z), norm_d, factor, True, save)
+        out = _epilogue(sites, k - 1, z, norm, _same_layout(zd, z), norm_d, factor, True, save)
         if save:
             saved.zd, saved.xp = zd, (xp if spec.proj_pool else None)
             saved.bn_d = SavedBN(out.skip_stats, count_d)
     else:
         residual = _same_layout(x, z) if spec.skip else None
-        out = ops.run_bn_act_fwd(z, norm, residual, None, factor, True, save)
+        out = _epilogue(sites, k - 1, z, norm, residual, None, factor, True, save)
     if save:
         zs.append(z)
         bns.append(SavedBN(out.stats, count))
@@ -258,11 +296,11 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save):
     return out.y, saved
 
 
-def _forward_preact(spec, x, factor, W, P, wd, save):
+def _forward_preact(spec, x, factor, W, P, wd, save, sites=None):
     k = len(spec.convs)
     zs, bns, acts = [], [], []
     norm, count = normalise(x, P[0], spec.bns[0], spec.group)
-    a0, stats = _bn_relu(x, norm)
+    a0, stats = _bn_relu(x, norm, sites, 0)
     h = a0
     if save:
         bns.append(SavedBN(stats, count))
@@ -273,7 +311,7 @@ def _forward_preact(spec, x, factor, W, P, wd, save):
             zs.append(z)
         if i < k - 1:
             norm, count = normalise(z, P[i + 1], spec.bns[i + 1], spec.group)
-            h, stats = _bn_relu(z, norm)
+            h, stats = _bn_relu(z, norm, sites, i + 1)
             if save:
                 bns.append(SavedBN(stats, count))
                 acts.append(h)

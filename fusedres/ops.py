@@ -224,6 +224,46 @@ def run_bn_act_fwd(z: Tensor, norm: Norm, skip: Optional[Tensor], skip_norm: Opt
                   skip_norm.stats if skip_norm.stats is not None else BNStats(*st_d.unbind(0)))
 
 
+def backend_of(t: Tensor):
+    """The backend module a call on ``t``'s device runs on (None while torch.compile
+    traces): what a cached plan's bindings are made for."""
+    return _backend(t.device)
+
+
+def bind_bn_act_fwd(impl, z: Tensor, norm: Norm, skip: Optional[Tensor],
+                    skip_norm: Optional[Norm], factor: Optional[Tensor], relu: bool,
+                    write_mask: bool, keep_stats: bool):
+    """run_bn_act_fwd for one call site of a cached block plan, on backend ``impl``,
+    bound once: ``fwd(z, norm, skip, skip_norm, factor) -> ActOut``. The triton backend
+    binds its launch (kernels.epilogue.BoundFwd: a call allocates and launches); the others
+    take run_bn_act_fwd. Without ``keep_stats`` the ActOut of an eval-mode BN has stats
+    None (a forward without autograd reads none)."""
+    def run(z, norm, skip, skip_norm, factor):
+        return run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
+
+    bound_cls = getattr(impl, "BoundFwd", None)
+    if bound_cls is None or z.numel() == 0:
+        return run
+    bound = bound_cls(z, *_flat_norm(norm), skip, *_flat_norm(skip_norm),
+                      skip_norm is not None, factor, relu, write_mask, keep_stats)
+
+    def fwd(z, norm, skip, skip_norm, factor):
+        if not bound.fits(z, factor):
+            return run(z, norm, skip, skip_norm, factor)
+        st = norm.stats
+        st_d = skip_norm.stats if skip_norm is not None else None
+        y, mask, s, s_d = bound(z, None if st is None else st.scale,
+                                None if st is None else st.shift, skip,
+                                None if st_d is None else st_d.scale,
+                                None if st_d is None else st_d.shift, factor)
+        if st is None and s is not None:
+            st = BNStats(*s.unbind(0))
+        if st_d is None and s_d is not None:
+            st_d = BNStats(*s_d.unbind(0))
+        return ActOut(y, mask, st, st_d)
+    return fwd
+
+
 def _flat_head(a: BwdArgs) -> tuple:
     """The arguments bn_act_bwd, its reduce and its apply half share, flat."""
     st, sd = a.stats, a.stats_d

@@ -589,6 +589,7 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
         params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
         plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
                                    factor, block.recompute, cast, True, None, aa)
+        plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, sites={}))
         _PLANS[block] = _Cached(ds_key, parts, key, plan, _hit_for(
             block, x, factor, convs, all_norms, parts, aa, cast, tensors))
         return execute(plan, x, factor, tensors)

@@ -233,3 +233,34 @@ def test_cached_plan_runs_the_triton_kernels():
         _check_same(ref, fused, x, train=True)   # builds the plan
         with triton_ran("_bn_act_fwd_kernel"):
             _check_same(ref, fused, x, train=True)  # runs the cached one
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
+@pytest.mark.parametrize("name", ["basic", "bottleneck_proj"])
+def test_bound_epilogues_are_reused_and_follow_the_modules(name, monkeypatch):
+    # A cached plan binds each epilogue launch once (kernels.epilogue.BoundFwd); the
+    # bindings hold the modules' own tensors, so in-place updates reach them, and a
+    # changed eps (bound into the launch) makes a new plan with new bindings.
+    from fusedres.kernels import epilogue
+    made = []
+    init = epilogue.BoundFwd.__init__
+    monkeypatch.setattr(epilogue.BoundFwd, "__init__",
+                        lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
+    ref, fused = _pair(name, "cpu")
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    n_sites = 3 if name.startswith("bottleneck") else 2
+    with fusedres.use_backend("triton"), torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+        assert len(made) == n_sites
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+        assert len(made) == n_sites, "a repeat call bound its launches again"
+        for b in (ref, fused):
+            b.load_state_dict({k: (v * 1.25 if v.is_floating_point() else v)
+                               for k, v in b.state_dict().items()})
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+        assert len(made) == n_sites, "in-place new values need no new binding"
+        ref.bn1.eps = fused.bn1.eps = 0.25
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+        assert len(made) == 2 * n_sites, "a new eps did not make new bindings"

@@ -4,10 +4,10 @@ The flat primitives below are the boundary: one launcher per op, beside its kern
 (stats.py, epilogue.py, backward.py)."""
 from .backward import bn_act_bwd, bn_act_bwd_apply, bn_act_bwd_reduce
 from .config import TileConfig, interpreting, tile_config
-from .epilogue import bn_act_fwd
+from .epilogue import BoundFwd, bn_act_fwd
 from .launch import LAUNCHES
 from .stats import bn_moments, bn_stats, bn_stats_from_moments
 
-__all__ = ["LAUNCHES", "TileConfig", "bn_act_bwd", "bn_act_bwd_apply", "bn_act_bwd_reduce",
+__all__ = ["BoundFwd", "LAUNCHES", "TileConfig", "bn_act_bwd", "bn_act_bwd_apply", "bn_act_bwd_reduce",
            "bn_act_fwd", "bn_moments", "bn_stats", "bn_stats_from_moments", "interpreting",
            "tile_config"]

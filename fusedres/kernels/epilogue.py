@@ -21,12 +21,12 @@ import triton
 import triton.language as tl
 
 from . import config
-from ..layout import is_channels_last, mask_shape, stats_dtype
+from ..layout import is_channels_last, mask_shape, memory_format, stats_dtype
 from ..reference import running_stats
 from .bn_math import (bn_apply, load_tile, mask_sample_base, program_tile, relu, relu_keep,
                       store_bits, store_tile)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import acc_dtype, as_dtype, in_layout, launch, num_sms, scratch, shape3
+from .launch import acc_dtype, in_layout, launch, num_sms, scratch, shape3
 
 Tensor = torch.Tensor
 
@@ -138,21 +138,114 @@ def _bn_act_fwd_kernel(
                        CHANNELS_LAST)
 
 
-def _norm_args(dev, sdt, scale, shift, weight, bias, running_mean, running_var, C):
-    """(pointer arguments, running flag, has_weight, has_bias, stats out) of one BN: the
-    batch statistics' scale/shift, or the running statistics to derive them from."""
-    if scale is not None:
+def _norm_args(dev, sdt, running, scale, shift, weight, bias, running_mean, running_var,
+               stats):
+    """Pointer arguments of one BN: the batch statistics' scale/shift, or the running
+    statistics to derive them from, with ``stats`` [4, C] the tensor they are stored in."""
+    if not running:
         sc = scratch(dev, sdt)
-        return (scale, shift, sc, sc, sc, sc, sc), (0, 0, 0), None
+        return (scale, shift, sc, sc, sc, sc, sc)
     if running_mean is None or running_var is None:
         raise ValueError("bn_act_fwd: without scale/shift (eval mode) running_mean and "
                          f"running_var are needed, got {type(running_mean).__name__} and "
                          f"{type(running_var).__name__}")
-    stats = torch.empty((4, C), device=dev, dtype=sdt)
     param = weight if weight is not None else running_mean
-    return ((stats, stats, param if weight is None else weight, param if bias is None else bias,
-             running_mean, running_var, stats),
-            (1, int(weight is not None), int(bias is not None)), stats)
+    return (stats, stats, param if weight is None else weight, param if bias is None else bias,
+            running_mean, running_var, stats)
+
+
+# Positions in the kernel's argument list that change from call to call.
+_Z, _Y, _SCALE, _SHIFT, _STATS, _SKIP, _SKIP_SCALE, _SKIP_SHIFT, _SKIP_STATS, _FACTOR, _MASK = (
+    0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18)
+
+
+class BoundFwd:
+    """bn_act_fwd with its decisions and every tensor that stays put bound once: the tile
+    and grid, the flags, the stand-ins, and in eval mode the BN's parameters and running
+    statistics. A call then allocates its outputs, fills in the tensors that change (z,
+    skip, the batch statistics, the factor) and launches. bn_act_fwd binds one per call;
+    a cached block plan keeps one per call site (fusedres.ops.bind_bn_act_fwd), which is
+    most of a block call's host time saved.
+
+    ``keep_stats`` False: the statistics an eval-mode call derives go to a buffer of the
+    binding's own (nothing reads them: a forward without autograd) and are returned as None.
+    """
+
+    def __init__(self, z: Tensor, scale, shift, weight, bias, running_mean, running_var,
+                 eps: float, skip, skip_scale, skip_shift, skip_weight, skip_bias,
+                 skip_running_mean, skip_running_var, skip_eps: float, skip_norm: bool,
+                 factor, relu: bool, write_mask: bool, keep_stats: bool = True):
+        N, C, HW = shape3(z)
+        cl = is_channels_last(z)
+        self.fmt = torch.channels_last if cl else torch.contiguous_format
+        self.shape, self.stride, self.dtype = z.shape, z.stride(), z.dtype
+        dev = self.device = z.device
+        self.sdt = sdt = stats_dtype(z)
+        self.C = C
+        self.mask_shape = mask_shape(z) if write_mask else None
+        skip_mode = 0 if skip is None else (2 if skip_norm else 1)
+        self.skip_mode = skip_mode
+        self.running = scale is None
+        self.skip_running = skip_mode == 2 and skip_scale is None
+        self.keep_stats = keep_stats
+        # (eval without keep_stats: the derived statistics land in a buffer of our own)
+        own = None if keep_stats else torch.empty((4, C), device=dev, dtype=sdt)
+        main = _norm_args(dev, sdt, self.running, scale, shift, weight, bias, running_mean,
+                          running_var, own)
+        side = (_norm_args(dev, sdt, self.skip_running, skip_scale, skip_shift, skip_weight,
+                           skip_bias, skip_running_mean, skip_running_var, own)
+                if skip_mode == 2 else main)
+        cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
+                          z.element_size())
+        flags = (int(self.running), int(self.running and weight is not None),
+                 int(self.running and bias is not None))
+        side_flags = ((int(self.skip_running), int(self.skip_running and skip_weight is not None),
+                       int(self.skip_running and skip_bias is not None))
+                      if skip_mode == 2 else (0, 0, 0))
+        self.has_factor = factor is not None
+        self.args = [z, z, *main, z, *side, z, scratch(dev, torch.uint8),
+                     N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps),
+                     *flags, *side_flags, int(factor is not None), int(relu), int(write_mask)]
+        self.grid = cfg.grid
+        self.kwargs = dict(SKIP=skip_mode, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
+                           BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+                           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z),
+                           num_warps=cfg.num_warps)
+
+    def fits(self, z: Tensor, factor: Optional[Tensor]) -> bool:
+        """z (and the factor's presence) as this binding was made for: a cached plan's
+        guard against a call it did not foresee (it then takes bn_act_fwd)."""
+        return (z.shape == self.shape and z.stride() == self.stride and z.dtype == self.dtype
+                and (factor is not None) == self.has_factor)
+
+    def __call__(self, z: Tensor, scale, shift, skip, skip_scale, skip_shift, factor):
+        """(y, mask, stats, skip_stats), None for what this call does not make: the mask
+        without write_mask, the statistics without an eval-mode BN or keep_stats."""
+        a = self.args.copy()  # (a copy: two threads may run one plan)
+        dev, sdt = self.device, self.sdt
+        a[_Z] = z
+        y = a[_Y] = torch.empty_like(z, memory_format=self.fmt)
+        stats = skip_stats = mask = None
+        if not self.running:
+            a[_SCALE], a[_SHIFT] = scale, shift
+        elif self.keep_stats:
+            stats = a[_SCALE] = a[_SHIFT] = a[_STATS] = torch.empty((4, self.C), device=dev,
+                                                                     dtype=sdt)
+        if self.skip_mode:
+            a[_SKIP] = skip if skip.is_contiguous(memory_format=self.fmt) else \
+                skip.contiguous(memory_format=self.fmt)
+        if self.skip_mode == 2:
+            if not self.skip_running:
+                a[_SKIP_SCALE], a[_SKIP_SHIFT] = skip_scale, skip_shift
+            elif self.keep_stats:
+                skip_stats = torch.empty((4, self.C), device=dev, dtype=sdt)
+                a[_SKIP_SCALE] = a[_SKIP_SHIFT] = a[_SKIP_STATS] = skip_stats
+        if factor is not None:
+            a[_FACTOR] = factor if factor.dtype == z.dtype else factor.to(z.dtype)
+        if self.mask_shape is not None:
+            mask = a[_MASK] = torch.empty(self.mask_shape, device=dev, dtype=torch.uint8)
+        launch(_bn_act_fwd_kernel, self.grid, *a, **self.kwargs)
+        return y, mask, stats, skip_stats
 
 
 def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
@@ -171,40 +264,34 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     ReLU bits (mask_shape(z), uint8) when ``write_mask``, else an empty uint8 tensor;
     stats / skip_stats the [4, C] (mean, rstd, scale, shift) derived in eval mode, else
     empty."""
-    N, C, HW = shape3(z)
-    cl = is_channels_last(z)
-    z = in_layout(z, cl)
-    skip = in_layout(skip, cl)
-    dev = z.device
+    z = in_layout(z, is_channels_last(z))
     sdt = stats_dtype(z)
-    y = torch.empty_like(z, memory_format=torch.channels_last if cl else torch.contiguous_format)
-    mask = torch.empty(mask_shape(z) if write_mask else (0,), device=dev, dtype=torch.uint8)
-    main, main_flags, stats = _norm_args(dev, sdt, scale, shift, weight, bias, running_mean,
-                                         running_var, C)
-    skip_mode = 0 if skip is None else (2 if skip_norm else 1)
-    if skip_mode == 2:
-        side, side_flags, skip_stats = _norm_args(dev, sdt, skip_scale, skip_shift, skip_weight,
-                                                  skip_bias, skip_running_mean,
-                                                  skip_running_var, C)
-    else:
-        side, side_flags, skip_stats = main, (0, 0, 0), None
     if z.numel() == 0:  # (rare: no launch, torch ops derive what eval mode returns)
-        for out, args in ((stats, (weight, bias, running_mean, running_var, eps)),
-                          (skip_stats, (skip_weight, skip_bias, skip_running_mean,
-                                        skip_running_var, skip_eps))):
-            if out is not None:
-                out.copy_(running_stats(*args, sdt))
-        return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
-                skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))
-    factor = as_dtype(factor, z.dtype)
-    cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
-                      z.element_size())
-    launch(_bn_act_fwd_kernel, cfg.grid, z, y, *main, skip if skip is not None else z,
-           *side, factor if factor is not None else z,
-           mask if write_mask else scratch(dev, torch.uint8),
-           N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps), *main_flags,
-           *side_flags, int(factor is not None), int(relu), int(write_mask),
-           SKIP=skip_mode, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
-           BLOCK_HW=cfg.BLOCK_HW, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
-    return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
+        return _empty_call(z, scale, weight, bias, running_mean, running_var, eps, skip_norm,
+                           skip_scale, skip_weight, skip_bias, skip_running_mean,
+                           skip_running_var, skip_eps, write_mask)
+    y, mask, stats, skip_stats = BoundFwd(
+        z, scale, shift, weight, bias, running_mean, running_var, eps, skip, skip_scale,
+        skip_shift, skip_weight, skip_bias, skip_running_mean, skip_running_var, skip_eps,
+        skip_norm, factor, relu, write_mask)(z, scale, shift, skip, skip_scale, skip_shift,
+                                             factor)
+    dev = z.device
+    return (y, mask if mask is not None else torch.empty((0,), device=dev, dtype=torch.uint8),
+            stats if stats is not None else z.new_empty((0,), dtype=sdt),
             skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))
+
+
+def _empty_call(z, scale, weight, bias, running_mean, running_var, eps, skip_norm,
+                skip_scale, skip_weight, skip_bias, skip_running_mean, skip_running_var,
+                skip_eps, write_mask):
+    """bn_act_fwd of an empty z: what eval mode returns, from torch ops."""
+    sdt = stats_dtype(z)
+    y = torch.empty_like(z, memory_format=memory_format(z))
+    mask = z.new_empty(mask_shape(z) if write_mask else (0,), dtype=torch.uint8)
+    stats = skip_stats = z.new_empty((0,), dtype=sdt)
+    if scale is None:
+        stats = running_stats(weight, bias, running_mean, running_var, eps, sdt)
+    if skip_norm and skip_scale is None:
+        skip_stats = running_stats(skip_weight, skip_bias, skip_running_mean,
+                                   skip_running_var, skip_eps, sdt)
+    return y, mask, stats, skip_stats
