@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import reference
 from .reference import running_stats
 
 __all__ = ["load", "source_dir"]
@@ -150,6 +151,11 @@ class CsrcOps:
             skip_stats = running_stats(skip_weight, skip_bias, skip_running_mean,
                                        skip_running_var, skip_eps, sdt)
             skip_scale, skip_shift = skip_stats[2], skip_stats[3]
+        if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor, the reference
+            y, mask, _, _ = reference.bn_act_fwd(
+                z, scale, shift, None, None, None, None, eps, skip, skip_scale, skip_shift,
+                None, None, None, None, skip_eps, skip_norm, factor, relu, write_mask)
+            return y, mask, stats, skip_stats
         y, mask = self._op("bn_act_fwd")(z, scale, shift, skip,
                                          skip_scale if skip_norm else None,
                                          skip_shift if skip_norm else None,
@@ -162,10 +168,25 @@ class CsrcOps:
                    mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                    scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
                    need_sums: bool, dz_add: Optional[Tensor]):
+        if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor, the reference
+            return reference.bn_act_bwd(dy, z, mean, rstd, scale, shift, mask, mask_mode,
+                                        factor, skip_mode, zd, mean_d, rstd_d, scale_d,
+                                        batch_stats, batch_stats_d, need_sums, dz_add)
         return tuple(self._op("bn_act_bwd")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d, scale_d, bool(batch_stats), bool(batch_stats_d), bool(need_sums),
             dz_add))
+
+    def bn_stats_pool(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                      eps: float):
+        # TEMPORARY: the pooling in torch
+        return (self.bn_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                              momentum, eps), reference.bn_pool(x))
+
+    def bn_pool(self, x: Tensor) -> Tensor:
+        return reference.bn_pool(x)  # TEMPORARY
 
     def bn_moments(self, x: Tensor) -> Tensor:
         return self._op("bn_moments")(x)
@@ -182,7 +203,12 @@ class CsrcOps:
     def bn_act_bwd_reduce(self, dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor,
                           scale: Tensor, shift: Tensor, mask: Optional[Tensor], mask_mode: int,
                           factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
-                          mean_d: Optional[Tensor], rstd_d: Optional[Tensor]) -> Tensor:
+                          mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                          per_sample: bool = False) -> Tensor:
+        if per_sample or (factor is not None and factor.dim() == 2):  # TEMPORARY: reference
+            return reference.bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask,
+                                               mask_mode, factor, skip_mode, zd, mean_d,
+                                               rstd_d, per_sample)
         return self._op("bn_act_bwd_reduce")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d)
@@ -192,7 +218,13 @@ class CsrcOps:
                          factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
                          mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                          scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
-                         dz_add: Optional[Tensor], mean_sums: Tensor):
+                         dz_add: Optional[Tensor], mean_sums: Tensor,
+                         du_add: Optional[Tensor] = None):
+        if du_add is not None or (factor is not None and factor.dim() == 2):  # TEMPORARY
+            return reference.bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, mask_mode,
+                                              factor, skip_mode, zd, mean_d, rstd_d, scale_d,
+                                              batch_stats, batch_stats_d, dz_add, mean_sums,
+                                              du_add)
         return tuple(self._op("bn_act_bwd_apply")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d, scale_d, bool(batch_stats), bool(batch_stats_d), dz_add,

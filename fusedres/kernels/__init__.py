@@ -6,8 +6,9 @@ from .backward import bn_act_bwd, bn_act_bwd_apply, bn_act_bwd_reduce
 from .config import TileConfig, interpreting, tile_config
 from .epilogue import bn_act_fwd
 from .launch import LAUNCHES
-from .stats import bn_moments, bn_stats, bn_stats_from_moments
+from .stats import bn_moments, bn_pool, bn_stats, bn_stats_from_moments, bn_stats_pool
 
 __all__ = ["LAUNCHES", "TileConfig", "bn_act_bwd", "bn_act_bwd_apply", "bn_act_bwd_reduce",
-           "bn_act_fwd", "bn_moments", "bn_stats", "bn_stats_from_moments", "interpreting",
+           "bn_act_fwd", "bn_moments", "bn_pool", "bn_stats", "bn_stats_from_moments",
+           "bn_stats_pool", "interpreting",
            "tile_config"]

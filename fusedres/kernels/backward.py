@@ -308,6 +308,11 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     need_sums: the per-channel sums are wanted even without batch statistics (dgamma, dbeta).
     Returns (dz, dskip, sums): dskip empty for skip_mode 0; sums [2 or 4, C] =
     (dbeta, dgamma[, dbeta_d, dgamma_d]) in the statistics dtype, empty when not computed."""
+    if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor via the reference
+        from .. import reference
+        return reference.bn_act_bwd(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
+                                    skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats,
+                                    batch_stats_d, need_sums, dz_add)
     N, C, HW = shape3(z)
     cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
     reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
@@ -330,8 +335,14 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
 def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                       shift: Tensor, mask: Optional[Tensor], mask_mode: int,
                       factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
-                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]) -> Tensor:
-    """The per-channel sums of bn_act_bwd alone, [2 or 4, C]; zeros for an empty z."""
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                      per_sample: bool = False) -> Tensor:
+    """The per-channel sums of bn_act_bwd alone, [2 or 4, C]; zeros for an empty z.
+    ``per_sample``: summed over H*W only, [2 or 4, N, C]."""
+    if per_sample or (factor is not None and factor.dim() == 2):  # TEMPORARY: the reference
+        from .. import reference
+        return reference.bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask, mask_mode,
+                                           factor, skip_mode, zd, mean_d, rstd_d, per_sample)
     cl, dy, z, zd, _, factor = _bwd_prepare(dy, z, zd, None, factor)
     K = 4 if skip_mode == 2 else 2
     if z.numel() == 0:
@@ -346,10 +357,16 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                      scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
-                     dz_add: Optional[Tensor], mean_sums: Tensor):
+                     dz_add: Optional[Tensor], mean_sums: Tensor,
+                     du_add: Optional[Tensor] = None):
     """The elementwise pass of bn_act_bwd with given per-channel means of the sums
     (bn_act_bwd_reduce's rows divided by the count, all ranks' under synchronised batch
-    norm). Returns (dz, dskip)."""
+    norm); du_add [N, C] added to g_b before the BN backward. Returns (dz, dskip)."""
+    if du_add is not None or (factor is not None and factor.dim() == 2):  # TEMPORARY
+        from .. import reference
+        return reference.bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, mask_mode,
+                                          factor, skip_mode, zd, mean_d, rstd_d, scale_d,
+                                          batch_stats, batch_stats_d, dz_add, mean_sums, du_add)
     cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
     return _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
                       zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add,

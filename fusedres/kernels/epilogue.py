@@ -171,6 +171,12 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     ReLU bits (mask_shape(z), uint8) when ``write_mask``, else an empty uint8 tensor;
     stats / skip_stats the [4, C] (mean, rstd, scale, shift) derived in eval mode, else
     empty."""
+    if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor via the reference
+        from .. import reference
+        return reference.bn_act_fwd(z, scale, shift, weight, bias, running_mean, running_var,
+                                    eps, skip, skip_scale, skip_shift, skip_weight, skip_bias,
+                                    skip_running_mean, skip_running_var, skip_eps, skip_norm,
+                                    factor, relu, write_mask)
     N, C, HW = shape3(z)
     cl = is_channels_last(z)
     z = in_layout(z, cl)

@@ -341,3 +341,18 @@ def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optio
     return out
 
 
+def bn_stats_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                  eps: float):
+    """bn_stats and the mean over H*W of x per (sample, channel), [N, C].
+    TEMPORARY (gate API first): the pooling runs in torch, not yet in the statistics launch."""
+    from .. import reference
+    return (bn_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                     momentum, eps), reference.bn_pool(x))
+
+
+def bn_pool(x: Tensor) -> Tensor:
+    """The mean over H*W of x per (sample, channel), [N, C]. TEMPORARY: torch."""
+    from .. import reference
+    return reference.bn_pool(x)

@@ -1,0 +1,202 @@
+"""The gate primitives (squeeze-excite / ECA; notes: gate API): an [N] or [N, C] branch
+factor, pooled statistics, per-sample backward sums and du_add, on every backend.
+
+The reference is checked against torch autograd of the plain formulas; the Triton kernels
+(interpreter on CPU) against the reference and, composed into a gated BN's forward and
+backward, by gradcheck in fp64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checks import INTERPRET, TRITON_DEVICES, assert_close_fp32, triton_ran
+from fusedres import reference as R
+
+EPS = 1e-5
+
+
+def _rand(shape, dtype, cl=False, scale=1.0, shift=0.0, device="cpu"):
+    x = (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if cl else x
+
+
+# --------------------------------------------------------------------------------------
+# A gated BN written with the backend primitives, as a gated block uses them
+# --------------------------------------------------------------------------------------
+
+
+def se_gate(p, w1, b1, w2, b2):
+    """timm's SEModule on pooled [N, C]: sigmoid(fc2(relu(fc1(p))))."""
+    return torch.sigmoid(F.linear(torch.relu(F.linear(p, w1, b1)), w2, b2))
+
+
+def eca_gate(p, w):
+    """timm's EcaModule on pooled [N, C]: sigmoid(conv1d over channels)."""
+    k = w.shape[-1]
+    return torch.sigmoid(F.conv1d(p[:, None, :], w, padding=(k - 1) // 2))[:, 0, :]
+
+
+class GatedBN(torch.autograd.Function):
+    """out = relu(f*g*bn(z) + skip), g = gate(mean_hw bn(z)), bn in training mode, through
+    ``impl``'s primitives only: stats_pool -> gate -> fwd(factor = f*g); backward
+    reduce(per_sample) -> gate backward -> apply(du_add). The gate API's backward, verbatim."""
+
+    @staticmethod
+    def forward(ctx, impl, gate, f, z, skip, weight, bias, *gate_params):
+        N, C, H, W = z.shape
+        st, m = impl.bn_stats_pool(z, weight, bias, None, None, None, 0.1, EPS)
+        mean, rstd, scale, shift = st
+        p = scale * m + shift
+        g = gate(p, *gate_params)
+        factor = g * f[:, None] if f is not None else g
+        y, mask, _, _ = impl.bn_act_fwd(z, scale, shift, None, None, None, None, EPS, skip,
+                                        None, None, None, None, None, None, 0.0, False,
+                                        factor, True, True)
+        ctx.impl, ctx.gate = impl, gate
+        ctx.save_for_backward(z, mask, st, m, p, f, weight, bias, *gate_params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        impl, gate = ctx.impl, ctx.gate
+        z, mask, st, m, p, f, weight, bias, *gate_params = ctx.saved_tensors
+        N, C, H, W = z.shape
+        HW = H * W
+        mean, rstd, scale, shift = st
+        S = impl.bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask, 2, None, 1, None,
+                                   None, None, True)
+        A, B = S[0], S[1]
+        fn = f[:, None] if f is not None else 1.0
+        gamma = weight if weight is not None else 1.0
+        beta = bias if bias is not None else 0.0
+        dg = fn * (gamma * B + beta * A)
+        with torch.enable_grad():
+            pp = p.detach().requires_grad_(True)
+            params = [t.detach().requires_grad_(True) for t in gate_params]
+            g = gate(pp, *params)
+            dp, *dparams = torch.autograd.grad(g, [pp, *params], dg)
+        g = g.detach()
+        Sd = (fn * g * A).sum(0) + dp.sum(0)
+        Sdx = (fn * g * B).sum(0) + (dp * (m - mean) * rstd).sum(0)
+        mean_sums = torch.stack([Sd, Sdx]) / (N * HW)
+        factor = g * fn
+        dz, dskip = impl.bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, 2, factor, 1,
+                                          None, None, None, None, True, False, None, mean_sums,
+                                          dp / HW)
+        return (None, None, None, dz, dskip, Sdx if weight is not None else None,
+                Sd if bias is not None else None, *dparams)
+
+
+def gated_bn_plain(gate, f, z, skip, weight, bias, *gate_params):
+    """The same in plain torch ops: what autograd differentiates."""
+    u = F.batch_norm(z, None, None, weight, bias, True, 0.0, EPS)
+    g = gate(u.mean((2, 3)), *gate_params)
+    factor = g * f[:, None] if f is not None else g
+    return torch.relu(factor[:, :, None, None] * u + skip)
+
+
+def _gate_case(kind, C, dtype, device="cpu"):
+    if kind == "se":
+        rd = 3
+        return se_gate, [_rand((rd, C), dtype, device=device) * 0.5,
+                         _rand((rd,), dtype, device=device) * 0.1,
+                         _rand((C, rd), dtype, device=device) * 0.5,
+                         _rand((C,), dtype, device=device) * 0.1]
+    return eca_gate, [_rand((1, 1, 3), dtype, device=device)]
+
+
+# --------------------------------------------------------------------------------------
+# The reference primitives against autograd of the plain formulas
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("factor_dim", [1, 2])
+def test_reference_fwd_factor(cl, factor_dim):
+    N, C = 3, 5
+    z, r = _rand((N, C, 4, 3), torch.float64, cl), _rand((N, C, 4, 3), torch.float64, cl)
+    scale, shift = _rand((C,), torch.float64), _rand((C,), torch.float64)
+    factor = _rand((N, C) if factor_dim == 2 else (N,), torch.float64)
+    y, mask, _, _ = R.bn_act_fwd(z, scale, shift, None, None, None, None, EPS, r, None, None,
+                                 None, None, None, None, 0.0, False, factor, True, True)
+    fac = factor.view(N, -1, 1, 1)
+    v = fac * (z * scale.view(1, C, 1, 1) + shift.view(1, C, 1, 1)) + r
+    torch.testing.assert_close(y, torch.relu(v), rtol=0, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert torch.equal(R.unpack_relu_mask(mask, z), v > 0)
+
+
+def test_reference_pool():
+    x = _rand((3, 4, 5, 2), torch.float32, True)
+    torch.testing.assert_close(R.bn_pool(x), x.mean((2, 3)), rtol=1e-6, atol=1e-7)
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(2)
+    rm2, rv2, nbt2 = rm.clone(), rv.clone(), nbt.clone()
+    st, m = R.bn_stats_pool(x, None, None, rm, rv, nbt, None, EPS)
+    st2 = R.bn_stats(x, None, None, rm2, rv2, nbt2, None, EPS)
+    assert torch.equal(st, st2) and torch.equal(m, R.bn_pool(x))
+    assert torch.equal(rm, rm2) and torch.equal(rv, rv2) and nbt.item() == nbt2.item() == 3
+    assert R.bn_pool(x.new_empty((2, 4, 0, 3))).shape == (2, 4)
+
+
+@pytest.mark.parametrize("skip_mode", [0, 1, 2])
+def test_reference_per_sample_reduce(skip_mode):
+    """Per-sample rows sum, over the samples, to the per-channel rows."""
+    N, C, H, W = 3, 4, 3, 5
+    dy, z, zd = (_rand((N, C, H, W), torch.float64) for _ in range(3))
+    mean, rstd = _rand((C,), torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    scale, shift = _rand((C,), torch.float64), _rand((C,), torch.float64)
+    factor = _rand((N, C), torch.float64)
+    args = (dy, z, mean, rstd, scale, shift, None, 1, factor, skip_mode,
+            zd if skip_mode == 2 else None, mean if skip_mode == 2 else None,
+            rstd if skip_mode == 2 else None)
+    per = R.bn_act_bwd_reduce(*args, True)
+    tot = R.bn_act_bwd_reduce(*args)
+    assert per.shape == (4 if skip_mode == 2 else 2, N, C)
+    torch.testing.assert_close(per.sum(1), tot, rtol=1e-12, atol=1e-12)
+    keep = (z * scale.view(1, C, 1, 1) + shift.view(1, C, 1, 1)) > 0
+    g_b = torch.where(keep, dy, 0.0) * factor[:, :, None, None]
+    xhat = (z - mean.view(1, C, 1, 1)) * rstd.view(1, C, 1, 1)
+    torch.testing.assert_close(per[1], (g_b * xhat).sum((2, 3)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["se", "eca"])
+@pytest.mark.parametrize("stochastic_depth", [False, True])
+def test_reference_gated_bn_backward(kind, stochastic_depth):
+    """The gate API's backward over the reference primitives = autograd of the formula."""
+    torch.manual_seed(0)
+    N, C, H, W = 3, 6, 3, 2
+    gate, gparams = _gate_case(kind, C, torch.float64)
+    z = _rand((N, C, H, W), torch.float64, scale=2.0, shift=0.3)
+    skip = _rand((N, C, H, W), torch.float64)
+    weight = torch.rand(C, dtype=torch.float64) + 0.5
+    bias = _rand((C,), torch.float64)
+    f = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64) if stochastic_depth else None
+    leaves = [t.requires_grad_(True) for t in (z, skip, weight, bias, *gparams)]
+    y = GatedBN.apply(R, gate, f, *leaves[:4], *leaves[4:])
+    y_ref = gated_bn_plain(gate, f, *leaves[:4], *leaves[4:])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = _rand(y.shape, torch.float64)
+    got = torch.autograd.grad(y, leaves, dy)
+    want = torch.autograd.grad(y_ref, leaves, dy)
+    for name, a, e in zip(["z", "skip", "weight", "bias", *map(str, range(len(gparams)))],
+                          got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_du_add():
+    """apply's du_add enters the BN backward exactly as a gradient on u = bn(z) would."""
+    N, C, H, W = 2, 3, 2, 3
+    z = _rand((N, C, H, W), torch.float64).requires_grad_(True)
+    weight = torch.rand(C, dtype=torch.float64) + 0.5
+    st = R.bn_stats(z.detach(), weight, None, None, None, None, 0.1, EPS)
+    mean, rstd, scale, shift = st
+    dy, du_add = _rand((N, C, H, W), torch.float64), _rand((N, C), torch.float64)
+    du = dy + du_add[:, :, None, None]
+    u = F.batch_norm(z, None, None, weight, None, True, 0.0, EPS)
+    dz_ref, = torch.autograd.grad(u, z, du)
+    xhat = (z.detach() - mean.view(1, C, 1, 1)) * rstd.view(1, C, 1, 1)
+    ms = torch.stack([du.sum((0, 2, 3)), (du * xhat).sum((0, 2, 3))]) / (N * H * W)
+    dz, _ = R.bn_act_bwd_apply(dy, z.detach(), mean, rstd, scale, shift, None, 0, None, 0,
+                               None, None, None, None, True, False, None, ms, du_add)
+    torch.testing.assert_close(dz, dz_ref, rtol=1e-10, atol=1e-12)
