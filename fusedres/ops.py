@@ -33,6 +33,35 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
     return x.new_empty((4, x.shape[1]), dtype=stats_dtype(x))
 
 
+@torch.library.custom_op("fusedres::bn_stats_pool",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_stats_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                  eps: float) -> tuple[Tensor, Tensor]:
+    """bn_stats ([4, C], the same running-statistics update) and the mean over H*W of x
+    per (sample, channel), [N, C]: a gated block's pooled input, from the same pass."""
+    return tuple(implementation(x.device).bn_stats_pool(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps))
+
+
+@bn_stats_pool.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    sdt = stats_dtype(x)
+    return x.new_empty((4, x.shape[1]), dtype=sdt), x.new_empty(x.shape[:2], dtype=sdt)
+
+
+@torch.library.custom_op("fusedres::bn_pool", mutates_args=())
+def bn_pool(x: Tensor) -> Tensor:
+    """The mean over H*W of x per (sample, channel), [N, C] (a gated block in eval mode)."""
+    return implementation(x.device).bn_pool(x)
+
+
+@bn_pool.register_fake
+def _(x):
+    return x.new_empty(x.shape[:2], dtype=stats_dtype(x))
+
+
 @torch.library.custom_op("fusedres::bn_act_fwd", mutates_args=())
 def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                weight: Optional[Tensor], bias: Optional[Tensor],
@@ -43,8 +72,9 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
                factor: Optional[Tensor], relu: bool,
                write_mask: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = act(factor[n]*(z*scale + shift) + skip), its packed ReLU mask, and in eval mode
-    (scale None: derived from the running statistics) the [4, C] statistics it used."""
+    """y = act(factor[n(, c)]*(z*scale + shift) + skip) (factor [N] or [N, C]), its packed
+    ReLU mask, and in eval mode (scale None: derived from the running statistics) the
+    [4, C] statistics it used."""
     return tuple(implementation(z.device).bn_act_fwd(
         z, scale, shift, weight, bias, running_mean, running_var, eps, skip, skip_scale,
         skip_shift, skip_weight, skip_bias, skip_running_mean, skip_running_var, skip_eps,
@@ -127,15 +157,21 @@ def _(moments, weight, bias, running_mean, running_var, num_batches_tracked, mom
 def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                       shift: Tensor, mask: Optional[Tensor], mask_mode: int,
                       factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
-                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]) -> Tensor:
-    """The per-channel sums of bn_act_bwd, [2 or 4, C]."""
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                      per_sample: bool = False) -> Tensor:
+    """The per-channel sums of bn_act_bwd, [2 or 4, C]; summed over H*W only,
+    [2 or 4, N, C], when ``per_sample``."""
     return implementation(z.device).bn_act_bwd_reduce(
-        dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d)
+        dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d,
+        per_sample)
 
 
 @bn_act_bwd_reduce.register_fake
-def _(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d):
-    return z.new_empty((4 if skip_mode == 2 else 2, z.shape[1]), dtype=stats_dtype(z))
+def _(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d,
+      per_sample=False):
+    K = 4 if skip_mode == 2 else 2
+    shape = (K, z.shape[0], z.shape[1]) if per_sample else (K, z.shape[1])
+    return z.new_empty(shape, dtype=stats_dtype(z))
 
 
 @torch.library.custom_op("fusedres::bn_act_bwd_apply", mutates_args=())
@@ -144,16 +180,18 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                      scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
-                     dz_add: Optional[Tensor], mean_sums: Tensor) -> tuple[Tensor, Tensor]:
-    """dz and dskip of bn_act_bwd given the per-channel means of its sums."""
+                     dz_add: Optional[Tensor], mean_sums: Tensor,
+                     du_add: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """dz and dskip of bn_act_bwd given the per-channel means of its sums; ``du_add``
+    [N, C] is added to g_b before the BN backward (a gate's pooling gradient)."""
     return tuple(implementation(z.device).bn_act_bwd_apply(
         dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d,
-        rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, mean_sums))
+        rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, mean_sums, du_add))
 
 
 @bn_act_bwd_apply.register_fake
 def _(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d, rstd_d,
-      scale_d, batch_stats, batch_stats_d, dz_add, mean_sums):
+      scale_d, batch_stats, batch_stats_d, dz_add, mean_sums, du_add=None):
     dz, dskip, _ = _bn_act_bwd_fake(  # the shapes of bn_act_bwd's first two results
         dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd, mean_d,
         rstd_d, scale_d, False, False, False, dz_add)
@@ -184,6 +222,22 @@ def run_bn_stats(x: Tensor, p: BNParams, momentum: Optional[float], eps: float) 
     return BNStats(*fn(x, *p, momentum, eps).unbind(0))
 
 
+def run_bn_stats_pool(x: Tensor, p: BNParams, momentum: Optional[float],
+                      eps: float) -> tuple[BNStats, Tensor]:
+    """run_bn_stats and the mean over H*W of x per (sample, channel), [N, C] in the
+    statistics dtype, from the same pass over x (one launch on the triton backend)."""
+    impl = _backend(x.device)
+    fn = impl.bn_stats_pool if impl is not None else bn_stats_pool
+    stats, pooled = fn(x, *p, momentum, eps)
+    return BNStats(*stats.unbind(0)), pooled
+
+
+def run_bn_pool(x: Tensor) -> Tensor:
+    """The mean over H*W of x per (sample, channel), [N, C]: eval's pooling read."""
+    impl = _backend(x.device)
+    return impl.bn_pool(x) if impl is not None else bn_pool(x)
+
+
 def run_bn_moments(x: Tensor) -> Tensor:
     """This process's (count, mean, M2) per channel, [3, C]."""
     impl = _backend(x.device)
@@ -211,7 +265,7 @@ def _flat_norm(norm: Optional[Norm]) -> tuple:
 
 def run_bn_act_fwd(z: Tensor, norm: Norm, skip: Optional[Tensor], skip_norm: Optional[Norm],
                    factor: Optional[Tensor], relu: bool, write_mask: bool) -> ActOut:
-    """y = act(factor[n]*bn(z) + skip), skip = r | bn_d(zd); see records.ActOut. In eval
+    """y = act(factor[n(, c)]*bn(z) + skip), skip = r | bn_d(zd); see records.ActOut. In eval
     mode (Norm.stats None) the epilogue derives the statistics: one launch, no other op."""
     impl = _backend(z.device)
     fn = impl.bn_act_fwd if impl is not None else bn_act_fwd
@@ -272,7 +326,12 @@ def _flat_head(a: BwdArgs) -> tuple:
 
 
 def run_bn_act_bwd(a: BwdArgs, need_sums: bool) -> BwdOut:
-    """Backward of bn_act_fwd for one BN (and the projection BN when skip_mode == 2)."""
+    """Backward of bn_act_fwd for one BN (and the projection BN when skip_mode == 2).
+    The fused backward takes no du_add: a gated block runs reduce and apply."""
+    if a.du_add is not None:
+        raise ValueError("run_bn_act_bwd(a): a.du_add must be None (a gated block's "
+                         "backward runs run_bn_act_bwd_reduce and run_bn_act_bwd_apply), got "
+                         f"a tensor of shape {tuple(a.du_add.shape)}")
     impl = _backend(a.z.device)
     fn = impl.bn_act_bwd if impl is not None else bn_act_bwd
     scale_d = None if a.stats_d is None else a.stats_d.scale
@@ -280,17 +339,19 @@ def run_bn_act_bwd(a: BwdArgs, need_sums: bool) -> BwdOut:
                       a.dz_add))
 
 
-def run_bn_act_bwd_reduce(a: BwdArgs) -> Tensor:
-    """The per-channel sums of the backward, [2 or 4, C]."""
+def run_bn_act_bwd_reduce(a: BwdArgs, per_sample: bool = False) -> Tensor:
+    """The per-channel sums of the backward, [2 or 4, C]; [2 or 4, N, C] summed over H*W
+    only when ``per_sample``."""
     impl = _backend(a.z.device)
     fn = impl.bn_act_bwd_reduce if impl is not None else bn_act_bwd_reduce
-    return fn(*_flat_head(a))
+    return fn(*_flat_head(a), per_sample)
 
 
 def run_bn_act_bwd_apply(a: BwdArgs, mean_sums: Tensor) -> tuple[Tensor, Tensor]:
-    """(dz, dskip) of the backward given the per-channel means of its sums."""
+    """(dz, dskip) of the backward given the per-channel means of its sums, with
+    a.du_add added to g_b before the BN backward."""
     impl = _backend(a.z.device)
     fn = impl.bn_act_bwd_apply if impl is not None else bn_act_bwd_apply
     scale_d = None if a.stats_d is None else a.stats_d.scale
     return tuple(fn(*_flat_head(a), scale_d, a.batch_stats, a.batch_stats_d, a.dz_add,
-                    mean_sums))
+                    mean_sums, a.du_add))

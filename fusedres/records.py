@@ -8,10 +8,16 @@ takes and returns exactly these:
     bn_stats(x, params, momentum, eps)                 -> BNStats     (training)
     bn_moments(x)                                      -> Tensor [3, C] (count, mean, M2)
     bn_stats_from_moments(moments, params, momentum, eps) -> BNStats  (moments [R, 3, C])
+    bn_stats_pool(x, params, momentum, eps)            -> (BNStats, Tensor [N, C] mean_hw x)
+    bn_pool(x)                                         -> Tensor [N, C] mean_hw x (eval)
     bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask) -> ActOut
-    bn_act_bwd(args, need_sums)                        -> BwdOut
-    bn_act_bwd_reduce(args)                            -> Tensor [2 or 4, C] (the sums)
+    bn_act_bwd(args, need_sums)                        -> BwdOut  (args.du_add must be None)
+    bn_act_bwd_reduce(args, per_sample)                -> Tensor [2 or 4, C] (the sums),
+                                                          [2 or 4, N, C] when per_sample
     bn_act_bwd_apply(args, mean_sums)                  -> (dz, dskip)
+
+``factor`` is [N] (stochastic depth) or [N, C] (a squeeze-excite / ECA gate, times the
+stochastic-depth factor): the branch is multiplied by factor[n] or factor[n, c].
 
 ``bn_stats`` updates the running statistics, and counts the batch in
 ``num_batches_tracked``, when ``params.running_mean`` is not None; pass ``BNParams``
@@ -73,13 +79,16 @@ class BwdArgs(NamedTuple):
     stats: BNStats                 # what it normalised with
     mask: Optional[Tensor]         # packed ReLU bits (mask_mode 2)
     mask_mode: int                 # 0 no ReLU, 1 recompute from z*scale + shift, 2 packed bits
-    factor: Optional[Tensor]       # [N] per-sample branch factor (stochastic depth)
+    factor: Optional[Tensor]       # [N] or [N, C] branch factor (stochastic depth, gate)
     skip_mode: int                 # 0 none, 1 identity (dskip = g), 2 projection BN over zd
     zd: Optional[Tensor]           # projection conv output (skip_mode 2)
     stats_d: Optional[BNStats]     # the projection BN's statistics (skip_mode 2)
     batch_stats: bool              # the BN normalised with batch statistics
     batch_stats_d: bool            # the projection BN did
     dz_add: Optional[Tensor]       # a gradient to add to dz (pre-activation's identity skip)
+    # [N, C] (statistics dtype) added to g_b before the BN backward, du = g_b + du_add[n, c]:
+    # a gate's pooling gradient dp/HW. Only bn_act_bwd_apply reads it; None elsewhere.
+    du_add: Optional[Tensor] = None
 
 
 class BwdOut(NamedTuple):

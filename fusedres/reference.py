@@ -2,8 +2,10 @@
 
 Two levels, both free of Triton and of the rest of fusedres:
 
-* The three fused primitives (``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd``) with exactly the
-  arguments and results of the Triton launchers (fusedres.kernels) and of csrc_ref. The
+* The fused primitives (``bn_stats``, ``bn_act_fwd``, ``bn_act_bwd`` and the pieces
+  synchronised batch norm and gated blocks call: ``bn_moments``, ``bn_stats_from_moments``,
+  ``bn_stats_pool``, ``bn_pool``, ``bn_act_bwd_reduce``, ``bn_act_bwd_apply``) with exactly
+  the arguments and results of the Triton launchers (fusedres.kernels) and of csrc_ref. The
   autograd Function runs on these when the backend is "reference" (CPU tensors by default).
 * Residual blocks written the way torchvision and timm write them (``BasicBlock``,
   ``Bottleneck``, ``PreActBasicBlock``, ``PreActBottleneck``), with torchvision's
@@ -30,6 +32,12 @@ def _per_channel(v: Tensor) -> Tensor:
 
 def _acc(t: Tensor) -> Tensor:
     return t.to(stats_dtype(t))
+
+
+def _branch_factor(factor: Tensor, dtype: torch.dtype) -> Tensor:
+    """The branch factor, [N] (per sample) or [N, C] (per sample and channel: a gate),
+    as an [N, 1 or C, 1, 1] multiplier."""
+    return factor.to(dtype).reshape(factor.shape[0], -1, 1, 1)
 
 
 def pack_relu_mask(keep: Tensor) -> Tensor:
@@ -87,6 +95,25 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
     return torch.stack([mean, rstd, scale, shift])
+
+
+def bn_pool(x: Tensor) -> Tensor:
+    """mean over H*W of x per (sample, channel), [N, C] in the statistics dtype (zeros
+    where H*W is 0): a squeeze-excite / ECA gate's pooled input in eval mode."""
+    N, C, H, W = x.shape
+    if H * W == 0:
+        return x.new_zeros((N, C), dtype=stats_dtype(x))
+    return _acc(x).mean((2, 3))
+
+
+def bn_stats_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                  eps: float):
+    """bn_stats (the same [4, C] statistics and running-statistics update) and
+    bn_pool(x), [N, C]: what a gated block's training forward needs from one pass over x."""
+    return (bn_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                     momentum, eps), bn_pool(x))
 
 
 def bn_moments(x: Tensor) -> Tensor:
@@ -150,8 +177,8 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                skip_bias: Optional[Tensor], skip_running_mean: Optional[Tensor],
                skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
                factor: Optional[Tensor], relu: bool, write_mask: bool):
-    """y = act(factor[n]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift
-    (``skip_norm``). ``scale`` None (eval): scale and shift from running_stats(weight, bias,
+    """y = act(factor[n(, c)]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift
+    (``skip_norm``); ``factor`` [N] or [N, C]. ``scale`` None (eval): scale and shift from running_stats(weight, bias,
     running_mean, running_var, eps); likewise ``skip_scale`` None for the projection BN.
     Returns (y, packed ReLU mask or an empty uint8 tensor, stats, skip_stats): the [4, C]
     running_stats derived in eval mode, else empty tensors."""
@@ -162,7 +189,7 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
         scale, shift = stats[2], stats[3]
     v = _acc(z) * _per_channel(scale) + _per_channel(shift)
     if factor is not None:
-        v = v * factor.to(v.dtype).view(-1, 1, 1, 1)
+        v = v * _branch_factor(factor, v.dtype)
     if skip is not None:
         if skip_norm:
             if skip_scale is None:
@@ -191,28 +218,30 @@ def _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_m
         g = torch.where(keep, g, 0.0)
     elif mask_mode == 2:
         g = torch.where(unpack_relu_mask(mask, z), g, 0.0)
-    g_b = g * factor.to(g.dtype).view(-1, 1, 1, 1) if factor is not None else g
+    g_b = g * _branch_factor(factor, g.dtype) if factor is not None else g
     xhat = (_acc(z) - _per_channel(mean)) * _per_channel(rstd)
     xhat_d = (_acc(zd) - _per_channel(mean_d)) * _per_channel(rstd_d) if skip_mode == 2 else None
     return g, g_b, xhat, xhat_d
 
 
-def _sums(g, g_b, xhat, xhat_d) -> Tensor:
-    sums = [g_b.sum((0, 2, 3)), (g_b * xhat).sum((0, 2, 3))]
+def _sums(g, g_b, xhat, xhat_d, per_sample: bool = False) -> Tensor:
+    dims = (2, 3) if per_sample else (0, 2, 3)
+    sums = [g_b.sum(dims), (g_b * xhat).sum(dims)]
     if xhat_d is not None:
-        sums += [g.sum((0, 2, 3)), (g * xhat_d).sum((0, 2, 3))]
+        sums += [g.sum(dims), (g * xhat_d).sum(dims)]
     return torch.stack(sums)
 
 
 def _apply(terms, dy, z, zd, scale, scale_d, skip_mode, batch_stats, batch_stats_d, dz_add,
-           mean_sums):
+           mean_sums, du_add=None):
     g, g_b, xhat, xhat_d = terms
     fmt = memory_format(z)
     ms = mean_sums.to(g.dtype)
+    du = g_b if du_add is None else g_b + du_add.to(g.dtype)[:, :, None, None]
     if batch_stats:
-        dz = _per_channel(scale) * (g_b - _per_channel(ms[0]) - xhat * _per_channel(ms[1]))
+        dz = _per_channel(scale) * (du - _per_channel(ms[0]) - xhat * _per_channel(ms[1]))
     else:
-        dz = _per_channel(scale) * g_b
+        dz = _per_channel(scale) * du
     if dz_add is not None:
         dz = dz + _acc(dz_add)
     dz = dz.to(z.dtype).contiguous(memory_format=fmt)
@@ -232,12 +261,14 @@ def _apply(terms, dy, z, zd, scale, scale_d, skip_mode, batch_stats, batch_stats
 def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
                       shift: Tensor, mask: Optional[Tensor], mask_mode: int,
                       factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
-                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor]):
+                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
+                      per_sample: bool = False):
     """The per-channel sums of the backward, [2 or 4, C] in the statistics dtype:
     (sum g_b, sum g_b*xhat[, sum g, sum g*xhat_d] when skip_mode == 2). Under synchronised
-    batch norm these are what the ranks add up before bn_act_bwd_apply."""
+    batch norm these are what the ranks add up before bn_act_bwd_apply. ``per_sample``:
+    the same rows summed over H*W only, [2 or 4, N, C] (a gated block's A and B)."""
     return _sums(*_grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
-                              skip_mode, zd, mean_d, rstd_d))
+                              skip_mode, zd, mean_d, rstd_d), per_sample)
 
 
 def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
@@ -245,14 +276,17 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
                      factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
                      mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                      scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
-                     dz_add: Optional[Tensor], mean_sums: Tensor):
+                     dz_add: Optional[Tensor], mean_sums: Tensor,
+                     du_add: Optional[Tensor] = None):
     """dz (and dskip or dzd) given ``mean_sums``: the rows of bn_act_bwd_reduce divided by
     the number of values per channel they were summed over (all ranks' under synchronised
-    batch norm). Rows are read only where batch_stats / batch_stats_d. Returns (dz, dskip)."""
+    batch norm). Rows are read only where batch_stats / batch_stats_d. ``du_add`` [N, C]
+    is added to g_b before the BN backward, du = g_b + du_add[n, c] (a gate's dp/HW);
+    dskip / dzd use g and never see it. Returns (dz, dskip)."""
     terms = _grad_terms(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
                         zd, mean_d, rstd_d)
     return _apply(terms, dy, z, zd, scale, scale_d, skip_mode, batch_stats, batch_stats_d,
-                  dz_add, mean_sums)
+                  dz_add, mean_sums, du_add)
 
 
 def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
