@@ -177,10 +177,12 @@ def _pool_backward(g: Tensor, x: Tensor, k: int) -> Tensor:
 _NO_RUNNING = (None, None, None)
 
 
-def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None) -> tuple[Norm, Optional[Tensor]]:
+def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None, sites=None,
+              i: int = 0) -> tuple[Norm, Optional[Tensor]]:
     """How one BN normalises z in this call, and its global count (synchronised BN, else
     None): batch statistics through the fused op, which also updates the running
-    statistics when ``bs.update``; or the running statistics, which the epilogue reads."""
+    statistics when ``bs.update``; or the running statistics, which the epilogue reads.
+    ``sites``, ``i``: the cached plan's bound launches and this BN's place among them."""
     if not bs.batch_stats:
         return Norm(None, p, bs.eps), None
     upd = p if bs.update else BNParams(p.weight, p.bias, *_NO_RUNNING)
@@ -188,7 +190,12 @@ def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None) -> tuple[Norm, Opt
         gathered = distributed.gather_moments(ops.run_bn_moments(z), group)
         stats = ops.run_bn_stats_from_moments(gathered, upd, bs.momentum, bs.eps)
         return Norm(stats, p, bs.eps), distributed.global_count(gathered)
-    return Norm(ops.run_bn_stats(z, upd, bs.momentum, bs.eps), p, bs.eps), None
+    if sites is None:
+        return Norm(ops.run_bn_stats(z, upd, bs.momentum, bs.eps), p, bs.eps), None
+    bound = sites.stats.get(i)
+    if bound is None:  # (two threads binding at once bind twice: harmless)
+        bound = sites.stats[i] = ops.bind_bn_stats(sites.impl, z, upd, bs.momentum, bs.eps)
+    return Norm(bound(z), p, bs.eps), None
 
 
 def _bn_relu(z: Tensor, norm: Norm, sites=None, i: int = 0):
@@ -198,11 +205,14 @@ def _bn_relu(z: Tensor, norm: Norm, sites=None, i: int = 0):
 
 
 class Sites(NamedTuple):
-    """A cached plan's bound epilogues (ops.bind_bn_act_fwd), one per call site in call
-    order, made by its first call on backend ``impl``; ``keep_stats`` as bound."""
+    """A cached plan's bound launches, made by its first call on backend ``impl``, keyed
+    by the BN's place in the block: epilogues (ops.bind_bn_act_fwd, ``keep_stats`` as
+    bound), batch statistics (ops.bind_bn_stats) and backwards (ops.bind_bn_act_bwd)."""
     impl: Any
-    fwd: list
+    fwd: dict
     keep_stats: bool
+    stats: dict
+    bwd: dict
 
 
 def _epilogue(sites: Optional[Sites], i: int, z: Tensor, norm: Norm, skip, skip_norm,
@@ -210,12 +220,11 @@ def _epilogue(sites: Optional[Sites], i: int, z: Tensor, norm: Norm, skip, skip_
     """ops.run_bn_act_fwd, through call site i's binding where the plan keeps them."""
     if sites is None:
         return ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
-    if i == len(sites.fwd):
-        sites.fwd.append(ops.bind_bn_act_fwd(sites.impl, z, norm, skip, skip_norm, factor,
-                                             relu, write_mask, sites.keep_stats))
-    elif i > len(sites.fwd):  # (another thread is making them: run unbound)
-        return ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
-    return sites.fwd[i](z, norm, skip, skip_norm, factor)
+    bound = sites.fwd.get(i)
+    if bound is None:  # (two threads binding at once bind twice: harmless)
+        bound = sites.fwd[i] = ops.bind_bn_act_fwd(sites.impl, z, norm, skip, skip_norm,
+                                                   factor, relu, write_mask, sites.keep_stats)
+    return bound(z, norm, skip, skip_norm, factor)
 
 
 def _same_layout(t: Tensor, like: Tensor) -> Tensor:
@@ -241,7 +250,7 @@ def _sites(spec: BlockSpec, x: Tensor, keep_stats: bool) -> Optional[Sites]:
         return None
     sites = spec.sites.get(impl)
     if sites is None:
-        sites = spec.sites[impl] = Sites(impl, [], keep_stats)
+        sites = spec.sites[impl] = Sites(impl, {}, keep_stats, {}, {})
     return sites
 
 
@@ -266,7 +275,7 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save, sites=None):
     h = x
     for i in range(k - 1):
         z = _conv(h, W[i], spec.convs[i])
-        norm, count = normalise(z, P[i], spec.bns[i], spec.group)
+        norm, count = normalise(z, P[i], spec.bns[i], spec.group, sites, i)
         h, stats = _bn_relu(z, norm, sites, i)
         if spec.aa is not None and spec.aa.after == i:
             h = aa_forward(h, spec.aa, filt)
@@ -276,12 +285,12 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save, sites=None):
             acts.append(h)
     z = _conv(h, W[k - 1], spec.convs[k - 1])
     del h
-    norm, count = normalise(z, P[k - 1], spec.bns[k - 1], spec.group)
+    norm, count = normalise(z, P[k - 1], spec.bns[k - 1], spec.group, sites, k - 1)
     saved = Saved(zs, bns, [] if spec.recompute else acts) if save else None
     if spec.proj is not None:
         xp = _pool(x, spec.proj_pool)
         zd = _conv(xp, wd, spec.proj)
-        norm_d, count_d = normalise(zd, pd, spec.proj_bn, spec.group)
+        norm_d, count_d = normalise(zd, pd, spec.proj_bn, spec.group, sites, k)
         out = _epilogue(sites, k - 1, z, norm, _same_layout(zd, z), norm_d, factor, True, save)
         if save:
             saved.zd, saved.xp = zd, (xp if spec.proj_pool else None)
@@ -299,7 +308,7 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save, sites=None):
 def _forward_preact(spec, x, factor, W, P, wd, save, sites=None):
     k = len(spec.convs)
     zs, bns, acts = [], [], []
-    norm, count = normalise(x, P[0], spec.bns[0], spec.group)
+    norm, count = normalise(x, P[0], spec.bns[0], spec.group, sites, 0)
     a0, stats = _bn_relu(x, norm, sites, 0)
     h = a0
     if save:
@@ -310,7 +319,7 @@ def _forward_preact(spec, x, factor, W, P, wd, save, sites=None):
         if save:
             zs.append(z)
         if i < k - 1:
-            norm, count = normalise(z, P[i + 1], spec.bns[i + 1], spec.group)
+            norm, count = normalise(z, P[i + 1], spec.bns[i + 1], spec.group, sites, i + 1)
             h, stats = _bn_relu(z, norm, sites, i + 1)
             if save:
                 bns.append(SavedBN(stats, count))
@@ -336,12 +345,18 @@ def _forward_preact(spec, x, factor, W, P, wd, save, sites=None):
 # --------------------------------------------------------------------------------------
 
 
-def bn_backward(group, counts, args: BwdArgs, need_sums: bool):
+def bn_backward(group, counts, args: BwdArgs, need_sums: bool, sites: Optional[Sites] = None,
+                i: int = 0):
     """One BN's backward (and the projection BN's, skip_mode 2): ops.run_bn_act_bwd, or,
     where a BN synchronises (its global count in ``counts``, one per BN the call covers),
     its reduction and elementwise pass with the ranks' sums between. Returns BwdOut."""
     if all(c is None for c in counts):
-        return ops.run_bn_act_bwd(args, need_sums)
+        if sites is None:
+            return ops.run_bn_act_bwd(args, need_sums)
+        bound = sites.bwd.get(i)
+        if bound is None:  # (two threads binding at once bind twice: harmless)
+            bound = sites.bwd[i] = ops.bind_bn_act_bwd(sites.impl, args, need_sums)
+        return bound(args)
     sums = ops.run_bn_act_bwd_reduce(args)
     z = args.z
     means = distributed.mean_sums(sums, counts, z.numel() // max(z.shape[1], 1), group)
@@ -381,7 +396,7 @@ class _Grads:
 
     def set_bn(self, i: Optional[int], sums: Tensor, row: int = 0):
         """dgamma = sum g*xhat and dbeta = sum g (rows row+1, row), in each one's dtype."""
-        if not sums.numel():
+        if sums is None or not sums.numel():
             return
         j = self._bn_at(i)
         for field, r in ((_GAMMA, row + 1), (_BETA, row)):
@@ -421,10 +436,12 @@ class FusedResidualBlock(torch.autograd.Function):
         W, saved = rest[:k], Saved.unflat(spec, tuple(rest[k:]))
         grads = _Grads(ctx, spec)
         need_x = ctx.needs_input_grad[1]
+        sites = _sites(spec, dout, keep_stats=True)
         if spec.preact:
-            dx = _backward_preact(spec, dout, x, factor, W, wd, saved, grads, need_x)
+            dx = _backward_preact(spec, dout, x, factor, W, wd, saved, grads, need_x, sites)
         else:
-            dx = _backward_post(spec, dout, x, factor, W, wd, filt, saved, grads, need_x)
+            dx = _backward_post(spec, dout, x, factor, W, wd, filt, saved, grads, need_x,
+                                sites)
         return (None, dx, None, *grads.out)
 
 
@@ -439,16 +456,17 @@ def _inner_act(spec: BlockSpec, saved: Saved, i: int, source: Tensor,
 
 
 def _inner_bn_backward(spec: BlockSpec, grads: _Grads, i: int, dy: Tensor, z: Tensor,
-                       bn: SavedBN, dz_add: Optional[Tensor] = None) -> Tensor:
+                       bn: SavedBN, dz_add: Optional[Tensor] = None, sites=None) -> Tensor:
     """dz of relu(bn_i(z)) given dy, the ReLU recomputed from z; sets BN i's gradients."""
     args = BwdArgs(dy, z, bn.stats, None, 1, None, 0, None, None, spec.bns[i].batch_stats,
                    False, dz_add)
-    out = bn_backward(spec.group, (bn.count,), args, grads.need_bn(i))
+    out = bn_backward(spec.group, (bn.count,), args, grads.need_bn(i), sites, i)
     grads.set_bn(i, out.sums)
     return out.dz
 
 
-def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Grads, need_x):
+def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Grads, need_x,
+                   sites=None):
     k = len(spec.convs)
     zs, last = saved.zs, saved.bns[-1]
     batch_last = spec.bns[-1].batch_stats
@@ -457,12 +475,12 @@ def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Gra
         args = BwdArgs(dout, zs[-1], last.stats, saved.mask, 2, factor, 2, saved.zd,
                        bn_d.stats, batch_last, spec.proj_bn.batch_stats, None)
         out = bn_backward(spec.group, (last.count, bn_d.count), args,
-                          grads.need_bn(k - 1) or grads.need_bn(None))
+                          grads.need_bn(k - 1) or grads.need_bn(None), sites, k - 1)
         grads.set_bn(None, out.sums, row=2)
     else:
         args = BwdArgs(dout, zs[-1], last.stats, saved.mask, 2, factor, int(spec.skip), None,
                        None, batch_last, False, None)
-        out = bn_backward(spec.group, (last.count,), args, grads.need_bn(k - 1))
+        out = bn_backward(spec.group, (last.count,), args, grads.need_bn(k - 1), sites, k - 1)
     grads.set_bn(k - 1, out.sums)
     dz, dskip = out.dz, out.dskip
 
@@ -474,7 +492,8 @@ def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Gra
         if i > 0:
             if spec.aa is not None and spec.aa.after == i - 1:
                 gin = aa_backward(gin, zs[i - 1], spec.aa, filt)  # z: the aa input's shape
-            dz = _inner_bn_backward(spec, grads, i - 1, gin, zs[i - 1], saved.bns[i - 1])
+            dz = _inner_bn_backward(spec, grads, i - 1, gin, zs[i - 1], saved.bns[i - 1],
+                                    sites=sites)
 
     dx = gin if need_x else None
     if spec.proj is not None:
@@ -488,7 +507,8 @@ def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Gra
     return dx
 
 
-def _backward_preact(spec, dout, x, factor, W, wd, saved: Saved, grads: _Grads, need_x):
+def _backward_preact(spec, dout, x, factor, W, wd, saved: Saved, grads: _Grads, need_x,
+                     sites=None):
     k = len(spec.convs)
     zs = saved.zs
     dout = dout.contiguous(memory_format=memory_format(zs[-1]))
@@ -502,7 +522,7 @@ def _backward_preact(spec, dout, x, factor, W, wd, saved: Saved, grads: _Grads, 
                                  grads.need_w(i))
         grads.set_w(i, gw)
         if i > 0:
-            dz = _inner_bn_backward(spec, grads, i, gin, zs[i - 1], saved.bns[i])
+            dz = _inner_bn_backward(spec, grads, i, gin, zs[i - 1], saved.bns[i], sites=sites)
     if spec.proj is not None:
         xp = saved.xp if spec.proj_pool else a0
         gxp, gwd = _conv_backward(dout, xp, wd, spec.proj, need_first, grads.need_wd())
@@ -512,5 +532,6 @@ def _backward_preact(spec, dout, x, factor, W, wd, saved: Saved, grads: _Grads, 
     if not need_first:
         return None
     identity = _same_layout(dout, x) if spec.proj is None and spec.skip else None
-    dx = _inner_bn_backward(spec, grads, 0, _same_layout(gin, x), x, saved.bns[0], identity)
+    dx = _inner_bn_backward(spec, grads, 0, _same_layout(gin, x), x, saved.bns[0], identity,
+                            sites)
     return dx if need_x else None

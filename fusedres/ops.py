@@ -284,6 +284,25 @@ def backend_of(t: Tensor):
     return _backend(t.device)
 
 
+def bind_bn_stats(impl, x: Tensor, p: BNParams, momentum: Optional[float], eps: float):
+    """run_bn_stats for one call site of a cached block plan, on backend ``impl``, bound
+    once: ``stats(x) -> BNStats`` (the triton backend binds its launch,
+    kernels.stats.BoundStats; the others take run_bn_stats)."""
+    def run(x):
+        return run_bn_stats(x, p, momentum, eps)
+
+    bound_cls = getattr(impl, "BoundStats", None)
+    if bound_cls is None or x.numel() == 0:
+        return run
+    bound = bound_cls(x, *p, momentum, eps)
+
+    def stats(x):
+        if not bound.fits(x):
+            return run(x)
+        return BNStats(*bound(x)[0].unbind(0))
+    return stats
+
+
 def bind_bn_act_fwd(impl, z: Tensor, norm: Norm, skip: Optional[Tensor],
                     skip_norm: Optional[Norm], factor: Optional[Tensor], relu: bool,
                     write_mask: bool, keep_stats: bool):
@@ -337,6 +356,31 @@ def run_bn_act_bwd(a: BwdArgs, need_sums: bool) -> BwdOut:
     scale_d = None if a.stats_d is None else a.stats_d.scale
     return BwdOut(*fn(*_flat_head(a), scale_d, a.batch_stats, a.batch_stats_d, need_sums,
                       a.dz_add))
+
+
+def bind_bn_act_bwd(impl, a: BwdArgs, need_sums: bool):
+    """run_bn_act_bwd for one call site of a cached block plan, on backend ``impl``, bound
+    once: ``bwd(args) -> BwdOut`` (the triton backend binds kernels.backward.BoundBwd; the
+    others, and calls it does not fit, take run_bn_act_bwd)."""
+    def run(a):
+        return run_bn_act_bwd(a, need_sums)
+
+    bound_cls = getattr(impl, "BoundBwd", None)
+    if bound_cls is None or a.du_add is not None:
+        return run
+    bound = bound_cls(a.dy, a.z, a.mask_mode, a.factor, a.skip_mode, a.zd, a.batch_stats,
+                      a.batch_stats_d, need_sums, a.dz_add)
+
+    def bwd(a):
+        if not bound.fits(a.dy, a.z, a.factor, a.zd, a.dz_add):
+            return run(a)
+        st, sd = a.stats, a.stats_d
+        dz, dskip, sums = bound(a.dy, a.z, st.mean, st.rstd, st.scale, st.shift, a.mask,
+                                a.factor, a.zd, None if sd is None else sd.mean,
+                                None if sd is None else sd.rstd,
+                                None if sd is None else sd.scale, a.dz_add)
+        return BwdOut(dz, dskip, sums)
+    return bwd
 
 
 def run_bn_act_bwd_reduce(a: BwdArgs, per_sample: bool = False) -> Tensor:

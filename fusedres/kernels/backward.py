@@ -329,6 +329,58 @@ def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, ski
     return dz, dskip
 
 
+class BoundBwd:
+    """bn_act_bwd with what does not change from call to call decided once (which
+    launches, the flags, the count), for tensors already in z's layout and dtype (``fits``
+    says; bn_act_bwd converts first). bn_act_bwd binds one per call; a cached block plan
+    keeps one per call site (fusedres.ops.bind_bn_act_bwd)."""
+
+    def __init__(self, dy: Tensor, z: Tensor, mask_mode: int, factor: Optional[Tensor],
+                 skip_mode: int, zd: Optional[Tensor], batch_stats: bool,
+                 batch_stats_d: bool, need_sums: bool, dz_add: Optional[Tensor]):
+        N, C, HW = shape3(z)
+        cl = self.cl = is_channels_last(z)
+        self.fmt = torch.channels_last if cl else torch.contiguous_format
+        self.shape, self.stride, self.dtype = z.shape, z.stride(), z.dtype
+        self.factor_dim = None if factor is None else factor.dim()
+        self.has_zd, self.has_dz_add = zd is not None, dz_add is not None
+        self.mask_mode, self.skip_mode = mask_mode, skip_mode
+        self.batch_stats, self.batch_stats_d = batch_stats, batch_stats_d
+        self.reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
+        self.sdt = stats_dtype(z)
+        self.K, self.C, self.inv_count = (4 if skip_mode == 2 else 2), C, 1.0 / max(N * HW, 1)
+        self.empty = z.numel() == 0
+
+    def fits(self, dy: Tensor, z: Tensor, factor, zd, dz_add) -> bool:
+        """The call's operands as this binding was made for, each in z's layout (dy in its
+        dtype too): what bn_act_bwd would otherwise convert."""
+        stride = self.stride
+        return (z.shape == self.shape and z.stride() == stride and z.dtype == self.dtype
+                and dy.stride() == stride and dy.dtype == self.dtype
+                and (None if factor is None else factor.dim()) == self.factor_dim
+                and (zd.stride() == stride if self.has_zd else zd is None)
+                and (dz_add.stride() == stride if self.has_dz_add else dz_add is None))
+
+    def __call__(self, dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d,
+                 scale_d, dz_add):
+        """(dz, dskip, sums); dskip None for skip_mode 0, sums None when not computed."""
+        if factor is not None:
+            factor = branch_factor_arg(factor, z)
+        sums = None
+        if self.reduce:
+            sums = torch.empty((self.K, self.C), device=z.device, dtype=self.sdt)
+            if self.empty:
+                sums.zero_()
+            else:
+                _bwd_reduce(self.cl, dy, z, mean, rstd, scale, shift, mask, self.mask_mode,
+                            factor, self.skip_mode, zd, mean_d, rstd_d, sums)
+        dz, dskip = _bwd_apply(self.cl, dy, z, mean, rstd, scale, shift, mask, self.mask_mode,
+                               factor, self.skip_mode, zd, mean_d, rstd_d, scale_d,
+                               self.batch_stats, self.batch_stats_d, dz_add, sums,
+                               self.inv_count)
+        return dz, (dskip if self.skip_mode else None), sums
+
+
 def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
                mask: Optional[Tensor], mask_mode: int, factor: Optional[Tensor],
                skip_mode: int, zd: Optional[Tensor], mean_d: Optional[Tensor],
@@ -343,23 +395,12 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     need_sums: the per-channel sums are wanted even without batch statistics (dgamma, dbeta).
     Returns (dz, dskip, sums): dskip empty for skip_mode 0; sums [2 or 4, C] =
     (dbeta, dgamma[, dbeta_d, dgamma_d]) in the statistics dtype, empty when not computed."""
-    N, C, HW = shape3(z)
-    cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
-    reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
-    sdt = stats_dtype(z)
-    if not reduce:
-        sums = torch.empty((0,), device=z.device, dtype=sdt)
-    elif z.numel():
-        sums = _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
-                           skip_mode, zd, mean_d, rstd_d,
-                           torch.empty((4 if skip_mode == 2 else 2, C), device=z.device,
-                                       dtype=sdt))
-    else:
-        sums = torch.zeros((4 if skip_mode == 2 else 2, C), device=z.device, dtype=sdt)
-    dz, dskip = _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
-                           skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d,
-                           dz_add, sums if reduce else None, 1.0 / max(N * HW, 1))
-    return dz, dskip, sums
+    _, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
+    dz, dskip, sums = BoundBwd(dy, z, mask_mode, factor, skip_mode, zd, batch_stats,
+                               batch_stats_d, need_sums, dz_add)(
+        dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d, scale_d, dz_add)
+    return (dz, dskip if dskip is not None else z.new_empty(0),
+            sums if sums is not None else z.new_empty((0,), dtype=stats_dtype(z)))
 
 
 def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,

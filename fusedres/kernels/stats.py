@@ -304,30 +304,67 @@ def _empty_batch_stats(x: Tensor, num_batches_tracked, update: bool) -> Tensor:
     return out
 
 
-def _stats_launch(x: Tensor, out: Tensor, bn_args, flags, write_moments: bool,
-                  pooled: Optional[Tensor] = None):
-    """One launch of the statistics kernel; with ``pooled`` ([N, C]) it also writes the
-    per-(sample, channel) means there (POOL)."""
-    N, C, HW = shape3(x)
-    cl = is_channels_last(x)
-    x = in_layout(x, cl)
-    dev = x.device
-    cfg = tile_config(N, C, HW, cl, "stats", num_sms(dev), config.INTERPRET_TILES,
-                      x.element_size())
-    P = cfg.grid[0]
-    part = torch.empty((2, P, C), device=dev, dtype=out.dtype)
-    n_counters = cfg.grid[1] + 1
-    if pooled is not None:
-        S = -(-HW // cfg.BLOCK_HW)
-        pool_part = torch.empty((N, S, C), device=dev, dtype=out.dtype)
-        n_counters += P // S * cfg.grid[1]
-    else:
-        pool_part = pooled = part  # stand-ins, never touched
-    launch(_bn_stats_partial_kernel, cfg.grid, x, part, counters(dev, n_counters),
-           *bn_args, pool_part, pooled, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags,
-           int(write_moments), HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
-           BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P, NUM_STAGES=cfg.num_stages,
-           ACC_DTYPE=acc_dtype(x), POOL=pooled is not part, num_warps=cfg.num_warps)
+class BoundStats:
+    """One launch of the statistics kernel with its decisions and every tensor that stays
+    put bound once (tile, grid, flags, the BN's parameters and running statistics, the
+    stand-ins): a call allocates its outputs and partials and launches. The launchers
+    below bind one per call; a cached block plan keeps one per call site
+    (fusedres.ops.bind_bn_stats).
+
+    ``moments``: store the merged (count, mean, M2), [3, C] (bn_moments, bn_pool), instead
+    of (mean, rstd, scale, shift), [4, C]. ``pool``: also the [N, C] means over H*W."""
+
+    def __init__(self, x: Tensor, weight, bias, running_mean, running_var,
+                 num_batches_tracked, momentum, eps: float, moments: bool = False,
+                 pool: bool = False):
+        N, C, HW = shape3(x)
+        cl = is_channels_last(x)
+        self.shape, self.stride, self.dtype = x.shape, x.stride(), x.dtype
+        dev = self.device = x.device
+        self.sdt = sdt = stats_dtype(x)
+        self.rows, self.N, self.C = (3 if moments else 4), N, C
+        cfg = tile_config(N, C, HW, cl, "stats", num_sms(dev), config.INTERPRET_TILES,
+                          x.element_size())
+        self.P = P = cfg.grid[0]
+        n_counters = cfg.grid[1] + 1
+        self.S = None
+        if pool:
+            self.S = -(-HW // cfg.BLOCK_HW)
+            n_counters += P // self.S * cfg.grid[1]
+        self.n_counters = n_counters
+        # the output is a stand-in where a parameter is absent: mark where it goes
+        out0 = torch.empty((self.rows, C), device=dev, dtype=sdt)
+        bn_args, flags = _running_args(dev, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, momentum, eps, out0)
+        self.bn_args = list(bn_args)
+        self.out_at = [k for k, a in enumerate(bn_args) if a is out0]
+        self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(moments))
+        self.grid = cfg.grid
+        self.kwargs = dict(HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
+                           BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
+                           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), POOL=pool,
+                           num_warps=cfg.num_warps)
+
+    def fits(self, x: Tensor) -> bool:
+        """x as this binding was made for (a cached plan's guard)."""
+        return x.shape == self.shape and x.stride() == self.stride and x.dtype == self.dtype
+
+    def __call__(self, x: Tensor):
+        """The [rows, C] output, and with ``pool`` the [N, C] means: (out, pooled)."""
+        dev, sdt, C = self.device, self.sdt, self.C
+        out = torch.empty((self.rows, C), device=dev, dtype=sdt)
+        bn = self.bn_args.copy()
+        for k in self.out_at:
+            bn[k] = out
+        part = torch.empty((2, self.P, C), device=dev, dtype=sdt)
+        if self.S is not None:
+            pool_part = torch.empty((self.N, self.S, C), device=dev, dtype=sdt)
+            pooled = torch.empty((self.N, C), device=dev, dtype=sdt)
+        else:
+            pool_part = pooled = part  # stand-ins, never touched
+        launch(_bn_stats_partial_kernel, self.grid, x, part, counters(dev, self.n_counters),
+               *bn, pool_part, pooled, *self.scalars, **self.kwargs)
+        return out, (pooled if self.S is not None else None)
 
 
 def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -340,11 +377,9 @@ def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     Returns one [4, C] tensor, rows (mean, rstd, scale, shift), fp32 (fp64 for fp64 x)."""
     if x.numel() == 0:
         return _empty_batch_stats(x, num_batches_tracked, running_mean is not None)
-    out = torch.empty((4, x.shape[1]), device=x.device, dtype=stats_dtype(x))
-    bn_args, flags = _running_args(x.device, weight, bias, running_mean,
-                                   running_var, num_batches_tracked, momentum, eps, out)
-    _stats_launch(x, out, bn_args, flags, False)
-    return out
+    x = in_layout(x, is_channels_last(x))
+    return BoundStats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                      momentum, eps)(x)[0]
 
 
 def bn_moments(x: Tensor) -> Tensor:
@@ -353,11 +388,8 @@ def bn_moments(x: Tensor) -> Tensor:
     C = x.shape[1]
     if x.numel() == 0:
         return torch.zeros((3, C), device=x.device, dtype=stats_dtype(x))
-    out = torch.empty((3, C), device=x.device, dtype=stats_dtype(x))
-    bn_args, flags = _running_args(x.device, None, None, None, None, None, 0.0,
-                                   1.0, out)
-    _stats_launch(x, out, bn_args, flags, True)
-    return out
+    x = in_layout(x, is_channels_last(x))
+    return BoundStats(x, None, None, None, None, None, 0.0, 1.0, moments=True)(x)[0]
 
 
 def bn_stats_from_moments(moments: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -390,12 +422,9 @@ def bn_stats_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if x.numel() == 0:
         return (_empty_batch_stats(x, num_batches_tracked, running_mean is not None),
                 torch.zeros((N, C), device=x.device, dtype=sdt))
-    out = torch.empty((4, C), device=x.device, dtype=sdt)
-    pooled = torch.empty((N, C), device=x.device, dtype=sdt)
-    bn_args, flags = _running_args(x.device, weight, bias, running_mean,
-                                   running_var, num_batches_tracked, momentum, eps, out)
-    _stats_launch(x, out, bn_args, flags, False, pooled)
-    return out, pooled
+    x = in_layout(x, is_channels_last(x))
+    return BoundStats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                      momentum, eps, pool=True)(x)
 
 
 def bn_pool(x: Tensor) -> Tensor:
@@ -405,8 +434,5 @@ def bn_pool(x: Tensor) -> Tensor:
     sdt = stats_dtype(x)
     if x.numel() == 0:
         return torch.zeros((N, C), device=x.device, dtype=sdt)
-    pooled = torch.empty((N, C), device=x.device, dtype=sdt)
-    moments = torch.empty((3, C), device=x.device, dtype=sdt)
-    bn_args, flags = _running_args(x.device, None, None, None, None, None, 0.0, 1.0, moments)
-    _stats_launch(x, moments, bn_args, flags, True, pooled)
-    return pooled
+    x = in_layout(x, is_channels_last(x))
+    return BoundStats(x, None, None, None, None, None, 0.0, 1.0, moments=True, pool=True)(x)[1]
