@@ -264,3 +264,28 @@ def test_bound_epilogues_are_reused_and_follow_the_modules(name, monkeypatch):
         ref.bn1.eps = fused.bn1.eps = 0.25
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
         assert len(made) == 2 * n_sites, "a new eps did not make new bindings"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
+def test_bindings_keep_no_activation_alive():
+    # A plan keeps its bindings for good: they must hold the modules' tensors and small
+    # stand-ins only, never a call's activations (z, y, the skip, the batch statistics).
+    import gc
+    import weakref
+    ref, fused = _pair("bottleneck_proj", "cpu")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    seen = []
+    from fusedres.kernels import epilogue
+    real = epilogue.BoundFwd.__call__
+
+    def spy(self, z, *rest):
+        seen.append(weakref.ref(z))
+        return real(self, z, *rest)
+    with fusedres.use_backend("triton"):
+        epilogue.BoundFwd.__call__ = spy
+        try:
+            fused(x).sum().backward()
+        finally:
+            epilogue.BoundFwd.__call__ = real
+    gc.collect()
+    assert seen and all(r() is None for r in seen), "a binding keeps a call's tensor alive"

@@ -194,10 +194,13 @@ class BoundFwd:
         self.keep_stats = keep_stats
         # (eval without keep_stats: the derived statistics land in a buffer of our own)
         own = None if keep_stats else torch.empty((4, C), device=dev, dtype=sdt)
-        main = _norm_args(dev, sdt, self.running, scale, shift, weight, bias, running_mean,
+        # The template holds no tensor of this call (a plan keeps it for good): the batch
+        # statistics, z, y, skip and factor are filled in by each call.
+        sc = scratch(dev, sdt)
+        main = _norm_args(dev, sdt, self.running, sc, sc, weight, bias, running_mean,
                           running_var, own)
-        side = (_norm_args(dev, sdt, self.skip_running, skip_scale, skip_shift, skip_weight,
-                           skip_bias, skip_running_mean, skip_running_var, own)
+        side = (_norm_args(dev, sdt, self.skip_running, sc, sc, skip_weight, skip_bias,
+                           skip_running_mean, skip_running_var, own)
                 if skip_mode == 2 else main)
         cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
                           z.element_size())
@@ -207,7 +210,7 @@ class BoundFwd:
                        int(self.skip_running and skip_bias is not None))
                       if skip_mode == 2 else (0, 0, 0))
         self.factor_dim = None if factor is None else factor.dim()
-        self.args = [z, z, *main, z, *side, z, scratch(dev, torch.uint8),
+        self.args = [None, None, *main, None, *side, None, scratch(dev, torch.uint8),
                      N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps),
                      *flags, *side_flags, int(factor is not None), int(relu), int(write_mask)]
         self.grid = cfg.grid
@@ -239,14 +242,15 @@ class BoundFwd:
         if self.skip_mode:
             a[_SKIP] = skip if skip.is_contiguous(memory_format=self.fmt) else \
                 skip.contiguous(memory_format=self.fmt)
+        else:
+            a[_SKIP] = z  # (a stand-in: never read)
         if self.skip_mode == 2:
             if not self.skip_running:
                 a[_SKIP_SCALE], a[_SKIP_SHIFT] = skip_scale, skip_shift
             elif self.keep_stats:
                 skip_stats = torch.empty((4, self.C), device=dev, dtype=sdt)
                 a[_SKIP_SCALE] = a[_SKIP_SHIFT] = a[_SKIP_STATS] = skip_stats
-        if factor is not None:
-            a[_FACTOR] = branch_factor_arg(factor, z)
+        a[_FACTOR] = branch_factor_arg(factor, z) if factor is not None else z
         if self.mask_shape is not None:
             mask = a[_MASK] = torch.empty(self.mask_shape, device=dev, dtype=torch.uint8)
         launch(_bn_act_fwd_kernel, self.grid, *a, **self.kwargs)

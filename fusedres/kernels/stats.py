@@ -336,8 +336,8 @@ class BoundStats:
         out0 = torch.empty((self.rows, C), device=dev, dtype=sdt)
         bn_args, flags = _running_args(dev, weight, bias, running_mean, running_var,
                                        num_batches_tracked, momentum, eps, out0)
-        self.bn_args = list(bn_args)
         self.out_at = [k for k, a in enumerate(bn_args) if a is out0]
+        self.bn_args = [None if a is out0 else a for a in bn_args]
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(moments))
         self.grid = cfg.grid
         self.kwargs = dict(HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
