@@ -24,11 +24,13 @@ from torch import Tensor, nn
 from . import distributed, parity
 from .antialias import aa_filter, aa_out_hw, read_aa
 from .errors import ShapeError
+from .gate import GateParams, check_gate, gate_params, read_gate
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
 from .records import BNParams
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NO_NORM = BNParams(None, None, None, None, None)
+_NO_GATE = GateParams(None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -190,7 +192,8 @@ class BlockPlan:
 def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                params: Sequence[BNParams], specs: Sequence[BNSpec], downsample, preact: bool,
                factor: Optional[Tensor], recompute: bool, cast: Optional[torch.dtype],
-               skip: bool, process_group, aa: Optional[tuple] = None) -> tuple[BlockPlan, list]:
+               skip: bool, process_group, aa: Optional[tuple] = None,
+               gate: Optional[nn.Module] = None) -> tuple[BlockPlan, list]:
     """Check a block call and derive its plan; returns (plan, the flat tensor list)."""
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -201,6 +204,7 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
     specs = sync_specs(list(specs), norms, group)
 
     aa_spec, filt = _read_aa(aa, preact, len(convs))
+    gate_spec, gp = _read_gate(gate, preact)
     c_cur, hw = c, (h, w)
     if preact:
         check_norm("norms[0]", params[0], c, x, x.dtype, specs[0], (n, c, h, w))
@@ -241,13 +245,16 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
                          "identity shortcut (else pass a downsample)",
                          f"[{c_cur}, {hw[0]}, {hw[1]}]")
     _check_factor(factor, x)
+    if gate_spec is not None:
+        check_gate(gate_spec, gp, c_cur, x.device)
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
                      bns=tuple(specs), proj=proj, proj_pool=pool, proj_bn=proj_bn_spec,
-                     recompute=recompute, skip=skip, aa=aa_spec,
+                     recompute=recompute, skip=skip, aa=aa_spec, gate=gate_spec,
                      group=group if any(b.sync for b in (*specs, proj_bn_spec) if b) else None)
     weights = [cv.weight if cast is None else cv.weight.to(cast) for cv in convs]
-    tensors = [*weights, *[t for p in params for t in p], wd, *pd, _cast(filt, cast)]
+    # the gate's tensors uncast: it runs in the statistics dtype, as the BNs do
+    tensors = [*weights, *[t for p in params for t in p], wd, *pd, _cast(filt, cast), *gp]
     grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
         or (factor is not None and factor.requires_grad))
@@ -265,6 +272,15 @@ def _read_aa(aa: Optional[tuple], preact: bool, k: int):
     if not 0 <= after < k - 1:
         raise ValueError(f"aa must follow an inner activation, 0 to {k - 2}, got after={after}")
     return read_aa(module, after)
+
+
+def _read_gate(gate: Optional[nn.Module], preact: bool):
+    """(GateSpec, GateParams) of ``gate``, or (None, no tensors)."""
+    if gate is None:
+        return None, _NO_GATE
+    if preact:
+        raise ValueError("gate (squeeze-excite / ECA) is served in post-activation blocks only")
+    return read_gate(gate)
 
 
 def _check_aa_filter(filt: Optional[Tensor], c: int, x: Tensor, act: torch.dtype, cast: bool):
@@ -321,7 +337,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
                          downsample: Optional[tuple] = None, preact: bool = False,
                          drop_factor: Optional[Tensor] = None, recompute: bool = False,
                          skip: bool = True, process_group=None,
-                         aa: Optional[tuple] = None) -> Tensor:
+                         aa: Optional[tuple] = None,
+                         gate: Optional[nn.Module] = None) -> Tensor:
     """Run one residual block through the fused kernels.
 
     Args:
@@ -346,6 +363,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
         aa: (i, module): an anti-aliasing step after inner activation i of a
             post-activation block (timm's ``aa``: nn.AvgPool2d or BlurPool2d), run in its
             functional form (fusedres.antialias); the next conv then has stride 1.
+        gate: a squeeze-excite or ECA module (timm's SEModule / EcaModule) on the last
+            BN's output, before stochastic depth and the add (fusedres.gate).
 
     Under autocast, x and the conv weights are cast to the autocast dtype here, and batch
     norm keeps its parameters and statistics in their own dtype. Each call checks and
@@ -353,13 +372,14 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     _check_x(x, len(convs), len(norms))
     if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
         return parity.composite_block(x, convs, norms, downsample, preact, drop_factor, skip,
-                                      process_group, aa)
+                                      process_group, aa, gate)
     read = [read_norm(nm) for nm in norms]
     specs, params = [r[0] for r in read], [r[1] for r in read]
     cast = _autocast_dtype(x)
     if cast is None:
         plan, tensors = build_plan(x, convs, norms, params, specs, downsample, preact,
-                                   drop_factor, recompute, None, skip, process_group, aa)
+                                   drop_factor, recompute, None, skip, process_group, aa,
+                                   gate)
         return execute(plan, x, drop_factor, tensors)
     # As eager under autocast: convolutions in the autocast dtype, batch norm in the dtype
     # of its input. A pre-activation block's first BN sees x itself, and its identity
@@ -367,7 +387,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     with torch.autocast(x.device.type, enabled=False):
         xc = x if preact else x.to(cast)
         plan, tensors = build_plan(xc, convs, norms, params, specs, downsample, preact,
-                                   drop_factor, recompute, cast, skip, process_group, aa)
+                                   drop_factor, recompute, cast, skip, process_group, aa,
+                                   gate)
         return execute(plan, xc, drop_factor, tensors)
 
 
@@ -409,13 +430,15 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     ds = mods.get("downsample", block.__dict__.get("downsample"))
     aa_mod = mods.get(layout.aa) if layout.aa else None
     aa = None if aa_mod is None or isinstance(aa_mod, nn.Identity) else (layout.aa_after, aa_mod)
+    gate = mods.get(layout.gate) if layout.gate else None
+    gate = None if isinstance(gate, nn.Identity) else gate
     if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
         return fused_residual_block(x, convs, norms, split_downsample(ds, layout.preact),
-                                    layout.preact, factor, block.recompute, aa=aa)
+                                    layout.preact, factor, block.recompute, aa=aa, gate=gate)
     _check_x(x, len(convs), len(norms))
     if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
         return parity.composite_block(x, convs, norms, split_downsample(ds, layout.preact),
-                                      layout.preact, factor, True, None, aa)
+                                      layout.preact, factor, True, None, aa, gate)
     cached = _PLANS.get(block)
     ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
     if cached is not None and cached.ds_key == ds_key:
@@ -428,6 +451,7 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     conv_w = [cv._parameters.get("weight") for cv in convs]
     dw = parts[1]._parameters.get("weight") if parts is not None else None
     filt = aa_filter(aa[1]) if aa is not None else None
+    gp = gate_params(gate) if gate is not None else _NO_GATE
     cast = _autocast_dtype(x)
     key = (x.shape, x.dtype, x.get_device(), x.is_contiguous(),
            x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
@@ -435,27 +459,28 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
            distributed.is_initialised(), tuple(map(_norm_state, all_norms)),
            tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
            tuple(_tensor_state(t) for raw in raws for t in raw),
-           id(aa[1]) if aa is not None else None, _tensor_state(filt))  # the plan holds its AASpec
+           id(aa[1]) if aa is not None else None, _tensor_state(filt),  # the plan holds its AASpec
+           id(gate), tuple(map(_tensor_state, gp)))  # ... and its GateSpec
     if cached is not None and cached.key != key:
         cached = None
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _run_cached(block, cached, ds_key, parts, key,
                                x if layout.preact else x.to(cast), convs, norms, raws, conv_w,
-                               dw, factor, cast, aa, filt)
+                               dw, factor, cast, aa, filt, gate, gp)
     return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw,
-                       factor, None, aa, filt)
+                       factor, None, aa, filt, gate, gp)
 
 
 def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw, factor,
-                cast, aa, filt):
+                cast, aa, filt, gate, gp):
     layout = block._fused_layout
     k = len(convs)
     if cached is None:
         specs = [norm_spec(nm, raw) for nm, raw in zip(norms, raws)]
         params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
         plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
-                                   factor, block.recompute, cast, True, None, aa)
+                                   factor, block.recompute, cast, True, None, aa, gate)
         _PLANS[block] = _Cached(ds_key, parts, key, plan)
         return execute(plan, x, factor, tensors)
     _check_factor(factor, x)
@@ -472,4 +497,5 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
     else:
         tensors.extend(_NO_NORM)
     tensors.append(_cast(filt, cast))
+    tensors.extend(gp)
     return execute(cached.plan, x, factor, tensors)

@@ -363,8 +363,10 @@ def _convert_warns(model):
 
 
 @pytest.mark.parametrize("name, kwargs, reason", [
-    ("seresnet18", {}, "attention layer se (SEModule)"),
-    ("ecaresnet26t", {}, "attention layer se (EcaModule)"),
+    # SEModule and EcaModule are served (test_gate_blocks.py), other attention layers not
+    ("resnet18", {"block_args": {"attn_layer": "ese"}},
+     "attention layer se (EffectiveSEModule) is neither timm's SEModule nor its EcaModule"),
+    ("resnet18", {"block_args": {"attn_layer": "ceca"}}, "attention layer se (CecaModule)"),
     ("resnet18", {"act_layer": nn.SiLU}, "act1 is SiLU, not ReLU"),
     # nn.AvgPool2d and BlurPool2d itself are served (test_aa_blocks.py), a subclass is not
     ("resnet18", {"aa_layer": type("OwnBlurPool2d", (timm.layers.BlurPool2d,), {})},
