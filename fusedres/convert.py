@@ -11,7 +11,8 @@ name.
 Served: torchvision's BasicBlock / Bottleneck (ResNet, ResNeXt, wide ResNet), timm's ResNet
 BasicBlock / Bottleneck (with the avg-pool shortcut of the "d"/"t" variants, stochastic
 depth, the anti-aliasing ``aa`` layer of resnetaa*/resnetblur*: fusedres.antialias, and
-the squeeze-excite / ECA gate ``se`` of seresnet*/ecaresnet*/resnetrs*: fusedres.gate), timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
+the squeeze-excite / ECA gate ``se`` of seresnet*/ecaresnet*/resnetrs*: fusedres.gate),
+timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
 fusedres.reference's blocks. Norms may be nn.BatchNorm2d, timm's BatchNormAct2d, a
 frozen batch norm (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) or
 nn.SyncBatchNorm (all of a block's norms, one process group: fusedres.distributed), and
@@ -308,7 +309,8 @@ def convert(model: nn.Module) -> nn.Module:
     fused equivalent, sharing its parameters and buffers; returns ``model``.
 
     Blocks already fused are left as they are (converting twice changes nothing). Blocks
-    of a known kind that cannot be fused (attention, an anti-aliasing layer other than
+    of a known kind that cannot be fused (an attention layer other than timm's SEModule or
+    EcaModule, an anti-aliasing layer other than
     AvgPool2d or BlurPool2d, DropBlock, another activation or norm, a conv with a bias,
     ...) are left alone and named, with the reason, in one warning. A model with no ResNet block at all also warns. Every
     nn.SyncBatchNorm outside the blocks (and inside: blocks read their norms' parameters

@@ -139,6 +139,20 @@ BLOCKS = [  # (kind, c_in, planes, stride, channels_last, backward all_reduces)
 ]
 
 
+def assert_rank_state(ref, fus, name):
+    """This rank's parameter gradients, summed over the ranks, against the whole batch's
+    (each rank's are its own: DDP reduces them), and the buffers (test_gate_blocks uses it)."""
+    for n, pr, pf in _pairs(ref, fus, "named_parameters"):
+        grad = pf.grad.clone()
+        dist.all_reduce(grad)
+        _close(grad, pr.grad, f"{name} {n}.grad summed over ranks")
+    for n, br, bf in _pairs(ref, fus, "named_buffers"):
+        if br.dtype == torch.long:
+            assert torch.equal(br, bf), (name, n)
+        else:
+            _close(bf, br, f"{name} {n}")
+
+
 def _block_worker(rank, world, sizes, convert_first, backend=None):
     """One block per kind: the fused synchronised block on this rank's slice against the
     plain block on the whole batch (every rank computes the reference itself)."""
@@ -189,16 +203,7 @@ def _block_cases(rank, world, sizes, convert_first):
         _close(xf.grad, xr.grad[lo:hi], f"{name} x.grad")
         if cl and hi > lo:  # (an empty tensor is contiguous both ways; PyTorch's too)
             assert y.is_contiguous(memory_format=torch.channels_last)
-        # parameter gradients are each rank's own (DDP reduces them): their sum is the whole's
-        for n, pr, pf in _pairs(ref, fus, "named_parameters"):
-            grad = pf.grad.clone()
-            dist.all_reduce(grad)
-            _close(grad, pr.grad, f"{name} {n}.grad summed over ranks")
-        for n, br, bf in _pairs(ref, fus, "named_buffers"):
-            if br.dtype == torch.long:
-                assert torch.equal(br, bf), (name, n)
-            else:
-                _close(bf, br, f"{name} {n}")
+        assert_rank_state(ref, fus, name)
 
         # eval mode: the running statistics, no collective
         fus.eval(), ref.eval()
