@@ -5,7 +5,9 @@ ReLU, the residual add, the projection shortcut's batch norm, stochastic depth) 
 through the fused ops of fusedres.ops. Post-activation blocks (torchvision, timm ResNet):
 
     a_i = relu(bn_i(conv_i(a_{i-1})))   for every conv but the last, a_0 = x
-    out = relu(f_n * bn_k(conv_k(a_{k-1})) + skip),  skip = x | bn_d(conv_d(pool(x)))
+    out = relu(f_n * g[n, c] * bn_k(conv_k(a_{k-1})) + skip),  skip = x | bn_d(conv_d(pool(x)))
+
+with g = 1, or an SE/ECA gate of the pooled bn_k output (fusedres.gate; _gated_backward).
 
 Pre-activation blocks (ResNet v2, timm resnetv2):
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import fusedres
-from checks import TRITON_DEVICES, assert_compiles_like_eager, assert_jvp_and_vmap_match, triton_ran
+from checks import (INTERPRET, TRITON_DEVICES, assert_compiles_like_eager,
+                    assert_jvp_and_vmap_match, triton_ran)
 from fusedres.convert import why_not_fused
 from fusedres.gate import GateParams, gate_backward, gate_forward, read_gate
 from fusedres.modules import split_downsample
@@ -329,3 +330,37 @@ def _sync_gate_worker(rank, world, sizes):
 def test_sync_gated_blocks_match_whole_batch():
     from test_distributed import run_ranks
     run_ranks(_sync_gate_worker, 2, (3, 1))
+
+
+# --------------------------------------------------------------------------------------
+# Launches: the gate costs no pass over the activation in training, one in eval
+# --------------------------------------------------------------------------------------
+
+
+def _launches(fn) -> int:
+    from fusedres.kernels import LAUNCHES
+    before = sum(LAUNCHES.values())
+    fn()
+    return sum(LAUNCHES.values()) - before
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
+@pytest.mark.parametrize("attn", [SEModule, EcaModule], ids=["se", "eca"])
+def test_gate_adds_no_launch_in_training_and_one_in_eval(attn):
+    """Against the same block without its gate: a train step (forward and backward) makes
+    as many Triton launches (the pooling rides in the statistics launch, the per-sample
+    sums in the backward's reduction); eval makes one more, the pooling read of z."""
+    torch.manual_seed(0)
+    gated = convert_quietly(randomize(BasicBlock(8, 8, attn_layer=attn)))
+    plain = convert_quietly(randomize(BasicBlock(8, 8)))
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    counts = {}
+    for name, block in (("gated", gated), ("plain", plain)):
+        block.train()
+        block(x).sum().backward()  # whatever a block caches is built outside the count
+        train = _launches(lambda: block(x).sum().backward())
+        block.eval()
+        with torch.no_grad():
+            block(x)
+            counts[name] = (train, _launches(lambda: block(x)))
+    assert counts["gated"] == (counts["plain"][0], counts["plain"][1] + 1), counts
