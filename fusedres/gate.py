@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GateSpec", "GateParams", "gate_backward", "gate_forward", "gate_params",
-           "gate_problem", "read_gate"]
+__all__ = ["GateSpec", "GateParams", "check_gate", "gate_backward", "gate_forward",
+           "gate_params", "gate_problem", "gate_sources", "read_gate"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,15 @@ def gate_params(m: nn.Module) -> GateParams:
         return GateParams(p.get("weight"), p.get("bias"), None, None)
     p1, p2 = m.fc1._parameters, m.fc2._parameters
     return GateParams(p1.get("weight"), p1.get("bias"), p2.get("weight"), p2.get("bias"))
+
+
+def gate_sources(m: nn.Module) -> list:
+    """(dict, name) that each of gate_params(m) is read from, in GateParams order (None
+    where there is none): what the plan's fast check watches."""
+    if _is_class(m, "timm.layers.eca", "EcaModule"):
+        return [(m.conv._parameters, "weight"), (m.conv._parameters, "bias"), None, None]
+    p1, p2 = m.fc1._parameters, m.fc2._parameters
+    return [(p1, "weight"), (p1, "bias"), (p2, "weight"), (p2, "bias")]
 
 
 def read_gate(m: nn.Module) -> tuple[GateSpec, GateParams]:

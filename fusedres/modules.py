@@ -103,6 +103,26 @@ _NOT_EXPORTABLE = ("{what} cannot see inside the fused block {block}: it runs it
                    "(same parameters and state_dict), then export the reverted model.")
 
 
+def _onnx_flags():
+    """The two flags torch.onnx.is_in_onnx_export reads; it imports them on every call,
+    microseconds of a block call's host budget. None where this torch has neither."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    return _flags, GLOBALS
+
+
+_ONNX = _onnx_flags()
+
+
+def _in_onnx_export() -> bool:
+    if _ONNX is None:
+        return torch.onnx.is_in_onnx_export()
+    return bool(_ONNX[1].in_onnx_export or _ONNX[0]._is_onnx_exporting)
+
+
 def _refuse_tracing(x, block) -> None:
     """RuntimeError naming fusedres.revert under torch.fx.symbolic_trace (x is a Proxy) and
     torch.onnx.export's TorchScript exporter; torch.compile (dynamo) traces the block fine."""
@@ -140,7 +160,7 @@ class _FusedMixin:
     def forward(self, x: Tensor) -> Tensor:
         # a Proxy (fx) or an ONNX export would otherwise fail deep inside: say what to do
         if not isinstance(x, Tensor) or (not torch.compiler.is_compiling()
-                                         and torch.onnx.is_in_onnx_export()):
+                                         and _in_onnx_export()):
             _refuse_tracing(x, self)
         return run_module(self, x, split_downsample, self._drop_factor(x))
 

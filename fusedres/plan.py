@@ -14,6 +14,7 @@ an error comes before any kernel runs and leaves every statistic untouched.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from . import distributed, parity
 from .antialias import aa_filter, aa_out_hw, read_aa
 from .errors import ShapeError
-from .gate import GateParams, check_gate, gate_params, read_gate
+from .gate import GateParams, check_gate, gate_params, gate_sources, read_gate
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
 from .records import BNParams
 
@@ -402,6 +403,119 @@ class _Cached:
     parts: Optional[tuple]  # split_downsample of it
     key: tuple              # everything else the plan depends on (see run_module)
     plan: BlockPlan
+    hit: Optional["_Hit"] = None  # the fast check of a repeat call (no autocast only)
+
+
+_ATTRS = operator.attrgetter("dtype", "device", "requires_grad")
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """What a repeat call must find unchanged to reuse a plan's flat tensor list as it
+    stands: the facts of _Cached.key, read without building it (C-level maps over
+    precomputed lists). ``modules`` are the block's children by name; ``dicts`` and
+    ``keys`` say where each tensor was read from (a module's _parameters or _buffers),
+    so a new Parameter or buffer is seen."""
+    x_facts: tuple
+    call_facts: tuple
+    names: tuple
+    modules: tuple
+    ds_children: tuple      # the downsample's own children (a new norm in it is a new plan)
+    norms: tuple
+    norm_facts: list
+    dicts: tuple            # with ``keys``: where each tensor of ``held`` is read from
+    keys: tuple
+    held: tuple             # the tensors as read, by identity (None where absent)
+    present: tuple          # those that are not None
+    attrs: list             # their _ATTRS
+    tensors: list           # the flat list execute() takes
+    gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
+    gate_children: tuple = ()        # conv...) whose parameters the list holds
+
+    def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
+        return ((x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
+                == self.x_facts
+                and (torch.is_grad_enabled(), factor is None, recompute,
+                     distributed.is_initialised()) == self.call_facts
+                and all(map(operator.is_, map(block_mods.get, self.names), self.modules))
+                and _children(block_mods.get("downsample")) == self.ds_children
+                and list(map(_norm_state, self.norms)) == self.norm_facts
+                and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.held))
+                and list(map(_ATTRS, self.present)) == self.attrs
+                and _children(block_mods.get(self.gate_name)) == self.gate_children)
+
+
+def _children(m) -> tuple:
+    return tuple(m._modules.values()) if isinstance(m, nn.Module) else ()
+
+
+def _x_facts(x: Tensor) -> tuple:
+    return (x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
+
+
+def _sources(convs, all_norms, parts, aa_mod, gate_mod) -> tuple:
+    """(dict, name) of every tensor of the flat list, in Slots order (None: no source)."""
+    out = [(cv._parameters, "weight") for cv in convs]
+    k = len(convs)
+    for nm in all_norms[:k]:
+        out.extend(_norm_sources(nm))
+    dconv = parts[1] if parts is not None else None
+    out.append((dconv._parameters, "weight") if dconv is not None else None)
+    if len(all_norms) > k:
+        out.extend(_norm_sources(all_norms[k]))
+    else:
+        out.extend([None] * len(BNParams._fields))
+    # (a blur pool's filter buffer; an avg pool has none)
+    out.append((aa_mod._buffers, "filt") if aa_mod is not None and aa_filter(aa_mod) is not None
+               else None)
+    out.extend(gate_sources(gate_mod) if gate_mod is not None
+               else [None] * len(GateParams._fields))
+    return tuple(out)
+
+
+def _norm_sources(nm: nn.Module) -> list:
+    if isinstance(nm, _BatchNorm):
+        p, b = nm._parameters, nm._buffers
+        return [(p, "weight"), (p, "bias"), (b, "running_mean"), (b, "running_var"),
+                (b, "num_batches_tracked")]
+    b = nm._buffers
+    return [(b, "weight"), (b, "bias"), (b, "running_mean"), (b, "running_var"), None]
+
+
+_EMPTY: dict = {}
+
+
+def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
+              tensors) -> Optional[_Hit]:
+    """The fast check for this call's plan, or None where the flat list is not simply
+    what the modules hold (a tensor the plan leaves out, such as an eval BN's
+    num_batches_tracked, is read but kept as None)."""
+    sources = _sources(convs, all_norms, parts, aa_mod, gate_mod)
+    if len(sources) != len(tensors):
+        return None
+    held = []
+    for src, t in zip(sources, tensors):
+        cur = src[0].get(src[1]) if src is not None else None
+        if t is not None and cur is not t:
+            return None
+        held.append(cur)
+    # the parts of the flat list the plan filters (running statistics a BN does not read)
+    # are checked by identity like the rest, and stay as the plan has them
+    srcs = [s if s is not None else (_EMPTY, "") for s in sources]
+    present = tuple(t for t in held if t is not None)
+    layout = block._fused_layout
+    names = tuple(n for n in (*layout.convs, *layout.norms, "downsample",
+                              *((layout.aa,) if layout.aa else ()),
+                              *((layout.gate,) if layout.gate else ())))
+    mods = block._modules
+    return _Hit(_x_facts(x), (torch.is_grad_enabled(), factor is None, block.recompute,
+                              distributed.is_initialised()),
+                names, tuple(mods.get(n) for n in names), _children(mods.get("downsample")),
+                tuple(all_norms),
+                list(map(_norm_state, all_norms)), tuple(d for d, _ in srcs),
+                tuple(n for _, n in srcs), tuple(held), present, list(map(_ATTRS, present)),
+                list(tensors), layout.gate if gate_mod is not None else None,
+                _children(gate_mod))
 
 
 #: block module -> its last _Cached plan (weak: a deleted block takes its plan with it).
@@ -423,23 +537,56 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     """The forward of a fused block module (fusedres.modules._FusedMixin): the modules its
     BlockLayout names, through the block's cached plan, rebuilt whenever its key changes.
     The tensors themselves are read afresh every call."""
+    if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
+        layout = block._fused_layout
+        mods = block._modules
+        ds = mods.get("downsample", block.__dict__.get("downsample"))
+        return fused_residual_block(x, [mods[n] for n in layout.convs],
+                                    [mods[n] for n in layout.norms],
+                                    split_downsample(ds, layout.preact), layout.preact,
+                                    factor, block.recompute, aa=_aa_of(block, layout, mods),
+                                    gate=_gate_of(layout, mods))
+    _check_x(x, len(block._fused_layout.convs), len(block._fused_layout.norms))
+    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
+        layout = block._fused_layout
+        mods = block._modules
+        ds = mods.get("downsample", block.__dict__.get("downsample"))
+        return parity.composite_block(x, [mods[n] for n in layout.convs],
+                                      [mods[n] for n in layout.norms],
+                                      split_downsample(ds, layout.preact), layout.preact,
+                                      factor, True, None, _aa_of(block, layout, mods),
+                                      _gate_of(layout, mods))
+    cached = _PLANS.get(block)
+    # the repeat call: every fact the plan rests on read the cheap way, the flat tensor
+    # list reused as it stands (its tensors are the modules' own, read in place)
+    if (cached is not None and cached.hit is not None
+            and cached.hit.holds(block._modules, x, factor, block.recompute)
+            and _autocast_dtype(x) is None):
+        _check_factor(factor, x)
+        return execute(cached.plan, x, factor, cached.hit.tensors)
+    return _run_slow(block, cached, x, split_downsample, factor)
+
+
+def _aa_of(block, layout, mods):
+    aa_mod = mods.get(layout.aa) if layout.aa else None
+    return None if aa_mod is None or isinstance(aa_mod, nn.Identity) else (layout.aa_after, aa_mod)
+
+
+def _gate_of(layout, mods):
+    gate = mods.get(layout.gate) if layout.gate else None
+    return None if isinstance(gate, nn.Identity) else gate
+
+
+def _run_slow(block, cached, x, split_downsample, factor):
+    """run_module when the fast check fails: the key built in full, the plan rebuilt if
+    it changed."""
     layout = block._fused_layout
     mods = block._modules
     convs = [mods[n] for n in layout.convs]
     norms = [mods[n] for n in layout.norms]
     ds = mods.get("downsample", block.__dict__.get("downsample"))
-    aa_mod = mods.get(layout.aa) if layout.aa else None
-    aa = None if aa_mod is None or isinstance(aa_mod, nn.Identity) else (layout.aa_after, aa_mod)
-    gate = mods.get(layout.gate) if layout.gate else None
-    gate = None if isinstance(gate, nn.Identity) else gate
-    if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
-        return fused_residual_block(x, convs, norms, split_downsample(ds, layout.preact),
-                                    layout.preact, factor, block.recompute, aa=aa, gate=gate)
-    _check_x(x, len(convs), len(norms))
-    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
-        return parity.composite_block(x, convs, norms, split_downsample(ds, layout.preact),
-                                      layout.preact, factor, True, None, aa, gate)
-    cached = _PLANS.get(block)
+    aa = _aa_of(block, layout, mods)
+    gate = _gate_of(layout, mods)
     ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
     if cached is not None and cached.ds_key == ds_key:
         parts = cached.parts
@@ -460,20 +607,21 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
            tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
            tuple(_tensor_state(t) for raw in raws for t in raw),
            id(aa[1]) if aa is not None else None, _tensor_state(filt),  # the plan holds its AASpec
-           id(gate), tuple(map(_tensor_state, gp)))  # ... and its GateSpec
+           id(gate), tuple(map(id, _children(gate))),  # ... and its GateSpec
+           tuple(map(_tensor_state, gp)))
     if cached is not None and cached.key != key:
         cached = None
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _run_cached(block, cached, ds_key, parts, key,
                                x if layout.preact else x.to(cast), convs, norms, raws, conv_w,
-                               dw, factor, cast, aa, filt, gate, gp)
+                               dw, factor, None, cast, aa, filt, gate, gp)
     return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw,
-                       factor, None, aa, filt, gate, gp)
+                       factor, all_norms, None, aa, filt, gate, gp)
 
 
 def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw, factor,
-                cast, aa, filt, gate, gp):
+                all_norms, cast, aa, filt, gate, gp):
     layout = block._fused_layout
     k = len(convs)
     if cached is None:
@@ -481,7 +629,8 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
         params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
         plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
                                    factor, block.recompute, cast, True, None, aa, gate)
-        _PLANS[block] = _Cached(ds_key, parts, key, plan)
+        _PLANS[block] = _Cached(ds_key, parts, key, plan, _hit_for(
+            block, x, factor, convs, all_norms, parts, aa, gate, cast, tensors))
         return execute(plan, x, factor, tensors)
     _check_factor(factor, x)
     spec = cached.plan.spec
@@ -498,4 +647,15 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
         tensors.extend(_NO_NORM)
     tensors.append(_cast(filt, cast))
     tensors.extend(gp)
+    if cached.hit is None and cast is None:  # (a plan built under autocast, reused without)
+        _PLANS[block] = dataclasses.replace(cached, hit=_hit_for(
+            block, x, factor, convs, all_norms, parts, aa, gate, cast, tensors))
     return execute(cached.plan, x, factor, tensors)
+
+
+def _hit_for(block, x, factor, convs, all_norms, parts, aa, gate, cast,
+             tensors) -> Optional[_Hit]:
+    if cast is not None or all_norms is None:  # autocast casts the weights every call
+        return None
+    return _make_hit(block, x, factor, convs, all_norms, parts,
+                     aa[1] if aa is not None else None, gate, tensors)

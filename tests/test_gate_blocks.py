@@ -188,16 +188,31 @@ def test_gated_model_channels_last_and_frozen_bn():
 
 
 def test_replaced_gate_is_picked_up():
-    """The plan cache keys on the gate module: a new one is used on the next call."""
+    """The plan cache (its fast check too: each step runs twice) keys on the gate module,
+    its children and its parameters: a change is used on the next call."""
     original = build("seresnet18").double().eval()
     fused = convert_quietly(copy.deepcopy(original))
     x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    c = original.layer3[0].conv2.out_channels
+
+    def new_fc1(m):
+        m.layer3[0].se.fc1 = nn.Conv2d(c, 8, 1).double()
+
+    def new_weight(m):
+        m.layer3[0].se.fc2.weight = nn.Parameter(torch.randn(c, 8, 1, 1, dtype=torch.float64))
+
+    def eca(m):
+        m.layer3[0].se = EcaModule(c).double()
+
     with torch.no_grad():
-        assert_close64("eval output", fused(x), original(x))
-        for m in (fused, original):
-            torch.manual_seed(5)
-            m.layer3[0].se = EcaModule(m.layer3[0].conv2.out_channels).double()
-        assert_close64("eval output, ECA for SE", fused(x), original(x))
+        for what, change in (("as built", None), ("a new fc1", new_fc1),
+                             ("a new fc2.weight", new_weight), ("ECA for SE", eca)):
+            for m in (fused, original):
+                if change is not None:
+                    torch.manual_seed(5)
+                    change(m)
+            for _ in range(2):
+                assert_close64(f"eval output, {what}", fused(x), original(x))
 
 
 def test_compiled_gated_model_matches_eager():

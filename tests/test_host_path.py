@@ -131,7 +131,19 @@ CHANGES = {
     "new eps": lambda b: setattr(b.bn1, "eps", 0.3),
     "track_running_stats off": lambda b: setattr(b.bn1, "track_running_stats", False),
     "requires_grad off": lambda b: b.conv2.weight.requires_grad_(False),
+    "a new norm module": lambda b: setattr(b, "bn1", _renewed_norm(b.bn1)),
+    "a new running_mean buffer": lambda b: setattr(b.bn2, "running_mean",
+                                                   b.bn2.running_mean + 0.25),
 }
+
+
+def _renewed_norm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A new BatchNorm2d like ``bn``, with other (deterministic) parameters."""
+    new = copy.deepcopy(bn)
+    with torch.no_grad():
+        new.weight.mul_(0.5)
+        new.running_var.add_(0.5)
+    return new
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -181,6 +193,19 @@ def test_plan_rebuilt_after_dtype_and_layout_changes():
         fused(x)  # float32 input, float64 block
     for n, b in fused.named_buffers():
         assert torch.equal(b, stats[n]), f"{n} changed by a failed call"
+
+
+def test_plan_rebuilt_after_downsample_norm_replaced():
+    # the downsample module stays, one of its children is new: the fast check sees it
+    torch.manual_seed(0)
+    ref, fused = _pair("bottleneck_proj", "cpu")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    _check_same(ref, fused, x, train=True)
+    p0 = _plan(fused)
+    ref.downsample[1] = _renewed_norm(ref.downsample[1])
+    fused.downsample[1] = _renewed_norm(fused.downsample[1])
+    _check_same(ref, fused, x, train=True)
+    assert _plan(fused) is not p0
 
 
 def test_plan_follows_grad_mode_and_input_shape():
