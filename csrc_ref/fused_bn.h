@@ -295,8 +295,16 @@ struct MomentsMergeOp {
 };
 
 // ---------------------------------------------------------------------------------------
-// Forward epilogue: y = act(f_n*(z*scale + shift) + skip), skip = r | zd*scale_d + shift_d
+// Forward epilogue: y = act(f*(z*scale + shift) + skip), skip = r | zd*scale_d + shift_d,
+// f = f_n ([N] factor: stochastic depth) or f_nc ([N, C]: a squeeze-excite / ECA gate)
 // ---------------------------------------------------------------------------------------
+
+// The branch factor of element (n, c): factor[n], factor[n, c] (nc), or 1 without one
+// (x*1 is exact: no branch needed where it multiplies).
+template <class A>
+FR_HD A branch_factor(const A* factor, bool nc, int64_t n, int64_t c, int64_t C) {
+  return factor ? factor[nc ? n * C + c : n] : A(1);
+}
 
 template <class T, class A>
 struct FwdView {
@@ -309,7 +317,8 @@ struct FwdView {
   const T* skip;
   const A* skip_scale;
   const A* skip_shift;
-  const A* factor;         // [N] per-sample branch factor (stochastic depth) or null
+  const A* factor;         // [N] per-sample branch factor (stochastic depth), [N, C], or null
+  bool factor_nc;          // factor is [N, C]
   bool relu_on;
   uint8_t* mask;           // packed ReLU bits or null
   bool vec;
@@ -317,8 +326,7 @@ struct FwdView {
   FR_HD void group(int64_t r, int64_t j8) const {
     const int64_t L = g.len(), j0 = j8 * 8, off = r * L + j0;
     const int cnt = L - j0 < 8 ? int(L - j0) : 8;
-    const int64_t c_line = g.cl ? 0 : r % g.C;
-    const A f = factor ? factor[g.sample(r)] : A(1);  // x*1 is exact: no branch needed
+    const int64_t c_line = g.cl ? 0 : r % g.C, n = g.sample(r);
     T zv[8], sv[8], yv[8];
     load8(z + off, cnt, vec, zv);
     if (skip_mode) load8(skip + off, cnt, vec, sv);
@@ -327,7 +335,8 @@ struct FwdView {
     for (int k = 0; k < 8; ++k) {
       if (k >= cnt) continue;
       const int64_t c = g.cl ? j0 + k : c_line;
-      A v = mul_rn(bn_apply(A(zv[k]), scale[c], shift[c]), f);
+      A v = mul_rn(bn_apply(A(zv[k]), scale[c], shift[c]),
+                   branch_factor(factor, factor_nc, n, c, g.C));
       if (skip_mode == 1) v = add_rn(v, A(sv[k]));
       if (skip_mode == 2) v = add_rn(v, bn_apply(A(sv[k]), skip_scale[c], skip_shift[c]));
       yv[k] = T(relu_on ? relu(v) : v);
@@ -339,9 +348,10 @@ struct FwdView {
 };
 
 // ---------------------------------------------------------------------------------------
-// Backward: with g = relu_grad(dy), g_b = f_n*g and xhat = (z - mean)*rstd,
+// Backward: with g = relu_grad(dy), g_b = f*g (f_n or f_nc) and xhat = (z - mean)*rstd,
 //   sums = (sum g_b, sum g_b*xhat[, sum g, sum g*xhat_d])      (one reduction pass)
-//   dz = bn_input_grad(scale, g_b, xhat, sums/M) [+ dz_add]    (one elementwise pass)
+//   dz = bn_input_grad(scale, du, xhat, sums/M) [+ dz_add]     (one elementwise pass)
+//   du = g_b [+ du_add[n, c]]                                  (a gate's pooling gradient)
 //   dskip = g (identity) | bn_input_grad(scale_d, g, xhat_d, ...) (projection BN)
 // The ReLU mask is recomputed from z (mask_mode 1) or read from the packed bits (2).
 // ---------------------------------------------------------------------------------------
@@ -362,7 +372,8 @@ struct BwdView {
   const A* shift;
   int mask_mode;           // 0 no ReLU, 1 recompute from z*scale + shift, 2 packed bits
   const uint8_t* mask;
-  const A* factor;         // [N] or null
+  const A* factor;         // [N], [N, C] (factor_nc) or null
+  bool factor_nc;
   int skip_mode;           // 0 none, 1 identity (dskip = g), 2 projection BN (dskip = dzd)
   const T* zd;
   const A* mean_d;
@@ -372,6 +383,7 @@ struct BwdView {
   const A* coef;           // [4, C] sums / M
   bool batch_stats, batch_stats_d;
   const T* dz_add;         // or null
+  const A* du_add;         // [N, C] or null
   T* dz;
   T* dskip;
   bool vec;
@@ -386,8 +398,7 @@ struct BwdView {
   FR_HD void group(int64_t r, int64_t j8) const {
     const int64_t L = g.len(), j0 = j8 * 8, off = r * L + j0;
     const int cnt = L - j0 < 8 ? int(L - j0) : 8;
-    const int64_t c_line = g.cl ? 0 : r % g.C;
-    const A f = factor ? factor[g.sample(r)] : A(1);
+    const int64_t c_line = g.cl ? 0 : r % g.C, n = g.sample(r);
     const uint8_t byte = mask_mode == 2 ? mask[r * g.len8() + j8] : uint8_t(0);
     T dyv[8], zv[8], zdv[8], addv[8], dzv[8], dsv[8];
     load8(dy + off, cnt, vec, dyv);
@@ -402,8 +413,10 @@ struct BwdView {
       const A zz = A(zv[k]);
       const A gg = grad(A(dyv[k]), zz, c, byte, k);
       const A xhat = (zz - mean[c]) * rstd[c];
-      A d = batch_stats ? bn_input_grad(scale[c], gg * f, xhat, coef[c], coef[C + c], true)
-                        : bn_input_grad(scale[c], gg * f, xhat, A(0), A(0), false);
+      A du = gg * branch_factor(factor, factor_nc, n, c, C);
+      if (du_add) du += du_add[n * C + c];
+      A d = batch_stats ? bn_input_grad(scale[c], du, xhat, coef[c], coef[C + c], true)
+                        : bn_input_grad(scale[c], du, xhat, A(0), A(0), false);
       if (dz_add) d += A(addv[k]);
       dzv[k] = T(d);
       if (skip_mode == 1) dsv[k] = T(gg);
@@ -437,7 +450,7 @@ struct GradSumOp {
     const uint8_t byte = v.mask_mode == 2 ? v.mask[r * v.g.len8() + (j >> 3)] : uint8_t(0);
     const A zz = A(v.z[off]);
     const A gg = v.grad(A(v.dy[off]), zz, c, byte, int(j & 7));
-    const A gb = v.factor ? gg * v.factor[n] : gg;
+    const A gb = v.factor ? gg * branch_factor(v.factor, v.factor_nc, n, c, v.g.C) : gg;
     a.s[0] += gb;
     a.s[1] += gb * ((zz - v.mean[c]) * v.rstd[c]);
     if (v.skip_mode == 2) {
@@ -515,7 +528,7 @@ inline Tensor same_as(const char* name, const Tensor& t, const Tensor& like, boo
   return in_layout(t, cl);
 }
 
-// A per-channel [C] (or per-sample [N]) vector in the arithmetic dtype.
+// A per-channel [C] (or per-sample [N], or [N, C]) vector in the arithmetic dtype.
 inline Tensor vec_in(const char* name, const Tensor& t, int64_t size, at::ScalarType acc,
                      const Tensor& like) {
   TORCH_CHECK_VALUE(t.numel() == size, name, " must have ", num(size), " elements, got shape ",
@@ -528,6 +541,16 @@ inline Tensor vec_in(const char* name, const Tensor& t, int64_t size, at::Scalar
 inline Tensor opt_vec(const char* name, const OptTensor& t, int64_t size, at::ScalarType acc,
                       const Tensor& like) {
   return has(t) ? vec_in(name, *t, size, acc, like) : Tensor();
+}
+
+// The branch factor: [N] (stochastic depth) or [N, C] (a gate; nc set), or undefined.
+inline Tensor factor_in(const OptTensor& t, const Geometry& g, at::ScalarType acc,
+                        const Tensor& like, bool& nc) {
+  nc = has(t) && t->dim() == 2;
+  if (nc)
+    TORCH_CHECK_VALUE(t->size(0) == g.N && t->size(1) == g.C, "factor must have shape [",
+                      num(g.N), "] or [", num(g.N), ", ", num(g.C), "], got ", shape_str(*t));
+  return opt_vec("factor", t, nc ? g.N * g.C : g.N, acc, like);
 }
 
 template <class P>
@@ -693,14 +716,15 @@ std::tuple<Tensor, Tensor> bn_act_fwd_host(
   const Tensor sc = vec_in("scale", scale, g.C, sdt, z), sh = vec_in("shift", shift, g.C, sdt, z);
   const Tensor ssc = skip_mode == 2 ? vec_in("skip_scale", *skip_scale, g.C, sdt, z) : Tensor();
   const Tensor ssh = skip_mode == 2 ? vec_in("skip_shift", *skip_shift, g.C, sdt, z) : Tensor();
-  const Tensor f = opt_vec("factor", factor, g.N, sdt, z);
+  bool f_nc = false;
+  const Tensor f = factor_in(factor, g, sdt, z, f_nc);
   const bool vec = g.len() % 8 == 0 && aligned16(z) && aligned16(y) && aligned16(sk);
   FR_DISPATCH(z.scalar_type(), "fusedres_csrc_ref::bn_act_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
     FwdView<scalar_t, A> v{g, z.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                            cptr<A>(sc), cptr<A>(sh), skip_mode,
                            sk.defined() ? sk.const_data_ptr<scalar_t>() : nullptr,
-                           cptr<A>(ssc), cptr<A>(ssh), cptr<A>(f), relu_on,
+                           cptr<A>(ssc), cptr<A>(ssh), cptr<A>(f), f_nc, relu_on,
                            write_mask ? mask.data_ptr<uint8_t>() : nullptr, vec};
     Dev::groups(v, g, z);
   });
@@ -713,6 +737,7 @@ std::tuple<Tensor, Tensor> bn_act_fwd_host(
 struct BwdArgs {
   Geometry g;
   int mask_mode, skip_mode;
+  bool factor_nc = false;
   at::ScalarType sdt;
   Tensor z, dy, zd, mask;
   Tensor mean, rstd, scale, shift, factor, mean_d, rstd_d, scale_d;  // in sdt
@@ -758,7 +783,7 @@ struct BwdArgs {
     rstd = vec_in("rstd", rstd_in, C, sdt, z);
     scale = vec_in("scale", scale_in, C, sdt, z);
     shift = vec_in("shift", shift_in, C, sdt, z);
-    factor = opt_vec("factor", factor_in, g.N, sdt, z);
+    factor = fusedres_ref::factor_in(factor_in, g, sdt, z, factor_nc);
     if (skip_bn) {
       mean_d = vec_in("mean_d", *mean_d_in, C, sdt, z);
       rstd_d = vec_in("rstd_d", *rstd_d_in, C, sdt, z);
@@ -775,17 +800,19 @@ struct BwdArgs {
   Tensor new_dskip() const { return skip_mode ? new_activation() : at::empty({0}, z.options()); }
 
   // coef: [4, C] sums / M (null without batch statistics); dz, dskip: null for the
-  // reduction, which writes neither.
+  // reduction, which writes neither; du_add: [N, C] in sdt, or undefined.
   template <class T, class A>
   BwdView<T, A> view(const Tensor& coef, bool batch_stats, bool batch_stats_d,
-                     const Tensor& dz_add, const Tensor& dz, const Tensor& dskip) const {
+                     const Tensor& dz_add, const Tensor& dz, const Tensor& dskip,
+                     const Tensor& du_add = Tensor()) const {
     const bool vec = g.len() % 8 == 0 && aligned16(dy) && aligned16(z) && aligned16(zd) &&
                      aligned16(dz_add) && aligned16(dz) && aligned16(dskip);
     return {g, dy.const_data_ptr<T>(), z.const_data_ptr<T>(), cptr<A>(mean), cptr<A>(rstd),
             cptr<A>(scale), cptr<A>(shift), mask_mode, cptr<uint8_t>(mask), cptr<A>(factor),
-            skip_mode, cptr<T>(zd), cptr<A>(mean_d), cptr<A>(rstd_d), cptr<A>(scale_d),
-            cptr<A>(coef), batch_stats, skip_mode == 2 && batch_stats_d, cptr<T>(dz_add),
-            mptr<T>(dz), skip_mode ? mptr<T>(dskip) : nullptr, vec};
+            factor_nc, skip_mode, cptr<T>(zd), cptr<A>(mean_d), cptr<A>(rstd_d),
+            cptr<A>(scale_d), cptr<A>(coef), batch_stats, skip_mode == 2 && batch_stats_d,
+            cptr<T>(dz_add), cptr<A>(du_add), mptr<T>(dz), skip_mode ? mptr<T>(dskip) : nullptr,
+            vec};
   }
 
   // The per-channel sums into `sums` [K, C] and, when coef is defined, sums / M into it.
@@ -844,12 +871,18 @@ std::tuple<Tensor, Tensor> bn_act_bwd_apply_host(
     const Tensor& scale, const Tensor& shift, const OptTensor& mask, int64_t mask_mode,
     const OptTensor& factor, int64_t skip_mode, const OptTensor& zd, const OptTensor& mean_d,
     const OptTensor& rstd_d, const OptTensor& scale_d, bool batch_stats, bool batch_stats_d,
-    const OptTensor& dz_add_in, const Tensor& mean_sums) {
+    const OptTensor& dz_add_in, const Tensor& mean_sums, const OptTensor& du_add_in) {
   const BwdArgs a("bn_act_bwd_apply", dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
                   skip_mode, zd, mean_d, rstd_d, &scale_d);
   Tensor dz = a.new_activation(), dskip = a.new_dskip();
   if (a.empty()) return {dz, dskip};
   const Tensor dz_add = has(dz_add_in) ? same_as("dz_add", *dz_add_in, a.z, a.g.cl) : Tensor();
+  if (has(du_add_in))
+    TORCH_CHECK_VALUE(du_add_in->dim() == 2 && du_add_in->size(0) == a.g.N &&
+                          du_add_in->size(1) == a.g.C,
+                      "du_add must have shape [", num(a.g.N), ", ", num(a.g.C), "], got ",
+                      shape_str(*du_add_in));
+  const Tensor du_add = opt_vec("du_add", du_add_in, a.g.N * a.g.C, a.sdt, a.z);
   // Rows 0-1 are read with batch_stats, rows 2-3 with the projection's batch_stats_d.
   const int64_t rows = a.skip_mode == 2 && batch_stats_d ? 4 : batch_stats ? 2 : 0;
   Tensor coef;
@@ -866,8 +899,8 @@ std::tuple<Tensor, Tensor> bn_act_bwd_apply_host(
   }
   FR_DISPATCH(a.z.scalar_type(), "fusedres_csrc_ref::bn_act_bwd_apply", [&] {
     using A = at::opmath_type<scalar_t>;
-    Dev::groups(a.view<scalar_t, A>(coef, batch_stats, batch_stats_d, dz_add, dz, dskip), a.g,
-                a.z);
+    Dev::groups(a.view<scalar_t, A>(coef, batch_stats, batch_stats_d, dz_add, dz, dskip, du_add),
+                a.g, a.z);
   });
   return {dz, dskip};
 }

@@ -109,7 +109,7 @@ TORCH_LIBRARY(fusedres_csrc_ref, m) {
       "bn_act_bwd_apply(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor scale, "
       "Tensor shift, Tensor? mask, int mask_mode, Tensor? factor, int skip_mode, Tensor? zd, "
       "Tensor? mean_d, Tensor? rstd_d, Tensor? scale_d, bool batch_stats, bool batch_stats_d, "
-      "Tensor? dz_add, Tensor mean_sums) -> (Tensor, Tensor)");
+      "Tensor? dz_add, Tensor mean_sums, Tensor? du_add=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedres_csrc_ref, CPU, m) {

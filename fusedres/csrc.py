@@ -5,7 +5,9 @@ under TORCH_EXTENSIONS_DIR, rebuilt only when a source changes) and returns an o
 ``bn_stats``, ``bn_act_fwd`` and ``bn_act_bwd``, and the pieces synchronised batch norm runs
 around its all-reduces (``bn_moments``, ``bn_stats_from_moments``, ``bn_act_bwd_reduce``,
 ``bn_act_bwd_apply``), take the arguments of fusedres.reference's functions and return the
-same results. The ops are registered with the dispatcher as
+same results. Of the gate primitives (squeeze-excite / ECA) the [N, C] factor and
+bn_act_bwd_apply's du_add are written in C++; bn_stats_pool, bn_pool and
+bn_act_bwd_reduce(per_sample=True) are not, and raise NotImplementedError. The ops are registered with the dispatcher as
 ``torch.ops.fusedres_csrc_ref.*``: the CPU library defines them and carries the CPU kernels;
 the CUDA library, built only for a CUDA device, adds the CUDA kernels.
 
@@ -23,7 +25,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
 from .reference import running_stats
 
 __all__ = ["load", "source_dir"]
@@ -151,11 +152,6 @@ class CsrcOps:
             skip_stats = running_stats(skip_weight, skip_bias, skip_running_mean,
                                        skip_running_var, skip_eps, sdt)
             skip_scale, skip_shift = skip_stats[2], skip_stats[3]
-        if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor, the reference
-            y, mask, _, _ = reference.bn_act_fwd(
-                z, scale, shift, None, None, None, None, eps, skip, skip_scale, skip_shift,
-                None, None, None, None, skip_eps, skip_norm, factor, relu, write_mask)
-            return y, mask, stats, skip_stats
         y, mask = self._op("bn_act_fwd")(z, scale, shift, skip,
                                          skip_scale if skip_norm else None,
                                          skip_shift if skip_norm else None,
@@ -168,10 +164,6 @@ class CsrcOps:
                    mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                    scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
                    need_sums: bool, dz_add: Optional[Tensor]):
-        if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor, the reference
-            return reference.bn_act_bwd(dy, z, mean, rstd, scale, shift, mask, mask_mode,
-                                        factor, skip_mode, zd, mean_d, rstd_d, scale_d,
-                                        batch_stats, batch_stats_d, need_sums, dz_add)
         return tuple(self._op("bn_act_bwd")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d, scale_d, bool(batch_stats), bool(batch_stats_d), bool(need_sums),
@@ -181,12 +173,14 @@ class CsrcOps:
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                       eps: float):
-        # TEMPORARY: the pooling in torch
-        return (self.bn_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                              momentum, eps), reference.bn_pool(x))
+        raise NotImplementedError(
+            "csrc_ref has no bn_stats_pool: the per-(sample, channel) pooling of a squeeze-"
+            "excite / ECA gate is not written in C++ (use the triton or reference backend)")
 
     def bn_pool(self, x: Tensor) -> Tensor:
-        return reference.bn_pool(x)  # TEMPORARY
+        raise NotImplementedError(
+            "csrc_ref has no bn_pool: the per-(sample, channel) pooling of a squeeze-excite / "
+            "ECA gate is not written in C++ (use the triton or reference backend)")
 
     def bn_moments(self, x: Tensor) -> Tensor:
         return self._op("bn_moments")(x)
@@ -205,10 +199,10 @@ class CsrcOps:
                           factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
                           mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                           per_sample: bool = False) -> Tensor:
-        if per_sample or (factor is not None and factor.dim() == 2):  # TEMPORARY: reference
-            return reference.bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask,
-                                               mask_mode, factor, skip_mode, zd, mean_d,
-                                               rstd_d, per_sample)
+        if per_sample:
+            raise NotImplementedError(
+                "csrc_ref bn_act_bwd_reduce(per_sample=True): the per-(sample, channel) sums "
+                "are not written in C++ (use the triton or reference backend)")
         return self._op("bn_act_bwd_reduce")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d)
@@ -220,15 +214,10 @@ class CsrcOps:
                          scale_d: Optional[Tensor], batch_stats: bool, batch_stats_d: bool,
                          dz_add: Optional[Tensor], mean_sums: Tensor,
                          du_add: Optional[Tensor] = None):
-        if du_add is not None or (factor is not None and factor.dim() == 2):  # TEMPORARY
-            return reference.bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, mask_mode,
-                                              factor, skip_mode, zd, mean_d, rstd_d, scale_d,
-                                              batch_stats, batch_stats_d, dz_add, mean_sums,
-                                              du_add)
         return tuple(self._op("bn_act_bwd_apply")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
             mean_d, rstd_d, scale_d, bool(batch_stats), bool(batch_stats_d), dz_add,
-            mean_sums))
+            mean_sums, du_add))
 
 
 _OPS = CsrcOps()

@@ -849,3 +849,66 @@ def test_wheel_ships_sources(tmp_path):
     for f in ("fused_bn.h", "fused_bn_cpu.cpp", "fused_bn_cuda.cu"):
         assert f"fusedres/csrc_ref/{f}" in names, f"{f} missing from {wheel.name}"
     assert "fusedres/csrc.py" in names
+
+
+# ---------------------------------------------------------------------------------------
+# Gate primitives (squeeze-excite / ECA): [N, C] factor, du_add; the rest not in C++
+# ---------------------------------------------------------------------------------------
+
+
+def _gate_bwd_head(shape, dtype, cl, device, skip_mode, gen):
+    N, C = shape[:2]
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    dy, z, zd = (make(shape, dtype, cl, device, gen=gen) for _ in range(3))
+    mean = make((C,), sdt, False, device, 0.1, gen=gen)
+    rstd = torch.rand(C, generator=gen, dtype=torch.float64).to(device, sdt) + 0.5
+    scale, shift = make((C,), sdt, False, device, gen=gen), make((C,), sdt, False, device, gen=gen)
+    mask = R.pack_relu_mask(make(shape, dtype, cl, device, gen=gen) > 0)
+    factor = torch.rand(N, C, generator=gen, dtype=torch.float64).to(device, sdt) + 0.5
+    proj = skip_mode == 2
+    return (dy, z, mean, rstd, scale, shift, mask, 2, factor, skip_mode, zd if proj else None,
+            mean.flip(0) if proj else None, rstd.flip(0) if proj else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("skip_mode", [1, 2])
+def test_gate_factor_and_du_add(request, device, dtype, cl, skip_mode):
+    """The [N, C] factor in the forward, the fused backward and the reduction, and du_add in
+    the elementwise pass, against the reference."""
+    ops, cuda_ops = _device_ops(request, device)
+    gen = torch.Generator().manual_seed(7)
+    shape = SHAPES[2]
+    N, C = shape[:2]
+    head = _gate_bwd_head(shape, dtype, cl, device, skip_mode, gen)
+    z, scale, shift, factor = head[1], head[4], head[5], head[8]
+    proj = skip_mode == 2
+    fwd_args = (z, scale, shift, None, None, None, None, 1e-5, head[0], scale.flip(0) if proj
+                else None, shift.flip(0) if proj else None, None, None, None, None, 1e-5, proj,
+                factor, True, True)
+    ms = make((4 if proj else 2, C), head[2].dtype, False, device, gen=gen)
+    du_add = make((N, C), head[2].dtype, False, device, gen=gen)
+    tail = (head[3].flip(0) if proj else None, True, proj)
+    for name, mod in impls(device, ops, cuda_ops):
+        for what, got, want in (
+                ("fwd", mod.bn_act_fwd(*fwd_args)[:2], R.bn_act_fwd(*fwd_args)[:2]),
+                ("bwd", mod.bn_act_bwd(*head, *tail, True, None),
+                 R.bn_act_bwd(*head, *tail, True, None)),
+                ("reduce", (mod.bn_act_bwd_reduce(*head),), (R.bn_act_bwd_reduce(*head),)),
+                ("apply", mod.bn_act_bwd_apply(*head, *tail, None, ms, du_add),
+                 R.bn_act_bwd_apply(*head, *tail, None, ms, du_add))):
+            for i, (a, e) in enumerate(zip(got, want)):
+                check(f"{name} {what}[{i}]", a, e)
+
+
+def test_gate_pooling_not_in_csrc(ops):
+    """What csrc_ref does not implement says so, naming the argument."""
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(NotImplementedError, match="bn_stats_pool"):
+        ops.bn_stats_pool(x, None, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(NotImplementedError, match="bn_pool"):
+        ops.bn_pool(x)
+    st = R.bn_stats(x, None, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(NotImplementedError, match="per_sample"):
+        ops.bn_act_bwd_reduce(x, x, *st, None, 0, None, 0, None, None, None, True)

@@ -200,3 +200,237 @@ def test_reference_du_add():
     dz, _ = R.bn_act_bwd_apply(dy, z.detach(), mean, rstd, scale, shift, None, 0, None, 0,
                                None, None, None, None, True, False, None, ms, du_add)
     torch.testing.assert_close(dz, dz_ref, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# The Triton kernels (interpreter on CPU) against the reference
+# --------------------------------------------------------------------------------------
+
+FLOATS = [torch.float32, torch.float64]
+# (N, C, H, W): odd sizes; the first two also split into several position blocks,
+# sample chunks and channel blocks with the GPU tiling
+GATE_SHAPES = [(3, 20, 5, 3), (2, 12, 1, 1)]
+GPU_TILE_SHAPES = {False: (5, 300, 5, 7), True: (5, 300, 6, 6)}
+
+
+@pytest.fixture(params=["interpret", "gpu"], ids=["interp_tiles", "gpu_tiles"])
+def tiling(request, monkeypatch):
+    """The interpreter's one large program, or the GPU tiling run in the interpreter
+    (several position blocks and sample chunks: the group tickets and merges run)."""
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from fusedres.kernels import config
+    if request.param == "gpu":
+        monkeypatch.setattr(config, "INTERPRET_TILES", False)
+    yield request.param
+    from fusedres.kernels import launch
+    for buf in launch._COUNTERS.values():
+        assert not buf.any(), "a counter was left non-zero"
+
+
+def _shape(tiling, cl, i=0):
+    return GPU_TILE_SHAPES[cl] if tiling == "gpu" else GATE_SHAPES[i]
+
+
+def _close(actual, expected, dtype, name):
+    if dtype == torch.float64:
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m}")
+    else:
+        assert_close_fp32(actual, expected, name)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("skip_mode", [0, 1, 2])
+def test_fwd_factor_per_channel(tiling, dtype, cl, skip_mode):
+    from fusedres import kernels as K
+    N, C, H, W = shape = _shape(tiling, cl)
+    z, r = _rand(shape, dtype, cl), _rand(shape, dtype, cl)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, shift = _rand((C,), sdt), _rand((C,), sdt)
+    factor = torch.rand(N, C, dtype=sdt) * torch.tensor([2.0, 0.0] * N)[:N, None].to(sdt)
+    skip_norm = skip_mode == 2
+    args = (z, scale, shift, None, None, None, None, EPS, r if skip_mode else None,
+            scale.flip(0) if skip_norm else None, shift.flip(0) if skip_norm else None,
+            None, None, None, None, EPS, skip_norm, factor, True, True)
+    with triton_ran("_bn_act_fwd_kernel"):
+        yk, mk, _, _ = K.bn_act_fwd(*args)
+    yr, mr, _, _ = R.bn_act_fwd(*args)
+    _close(yk, yr, dtype, "y")
+    assert yk.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert torch.equal(mk, mr)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_stats_pool(tiling, dtype, cl, momentum):
+    """bn_stats_pool: bn_stats's statistics and running-statistics update bit for bit
+    (the same launch with POOL), and the pooled means; bn_pool gives the same means."""
+    from fusedres import kernels as K
+    N, C, H, W = shape = _shape(tiling, cl)
+    x = _rand(shape, dtype, cl, 2.0, 0.5)
+    w, b = torch.rand(C, dtype=dtype) + 0.5, _rand((C,), dtype)
+    outs = []
+    for fn in (K.bn_stats_pool, K.bn_stats):
+        rm, rv, nbt = torch.linspace(-1, 1, C, dtype=dtype), torch.ones(C, dtype=dtype), \
+            torch.tensor(3)
+        outs.append((fn(x, w, b, rm, rv, nbt, momentum, EPS), rm, rv, nbt))
+    (sp, rm_p, rv_p, nbt_p), (st, rm_s, rv_s, nbt_s) = outs
+    stats, pooled = sp
+    assert torch.equal(stats, st) and torch.equal(rm_p, rm_s) and torch.equal(rv_p, rv_s)
+    assert nbt_p.item() == nbt_s.item() == 4
+    assert pooled.shape == (N, C) and pooled.dtype == (torch.float64 if dtype == torch.float64
+                                                       else torch.float32)
+    _close(pooled, R.bn_pool(x), dtype, "pooled")
+    with triton_ran("_bn_stats_partial_kernel"):
+        again = K.bn_pool(x)
+    assert torch.equal(again, pooled)  # the same tiles and merge order: the same bits
+
+
+def test_pool_empty():
+    from fusedres import kernels as K
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x = torch.randn(3, 4, 0, 2)
+    nbt = torch.tensor(0)
+    st, m = K.bn_stats_pool(x, None, None, torch.zeros(4), torch.ones(4), nbt, 0.1, EPS)
+    assert torch.equal(m, torch.zeros(3, 4)) and nbt.item() == 1
+    assert torch.equal(K.bn_pool(x), torch.zeros(3, 4))
+
+
+def _bwd_head(shape, dtype, cl, mask_mode, skip_mode, factor_kind):
+    N, C, H, W = shape
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    dy, z, zd = (_rand(shape, dtype, cl) for _ in range(3))
+    mean, rstd = _rand((C,), sdt) * 0.1, torch.rand(C, dtype=sdt) + 0.5
+    scale, shift = _rand((C,), sdt), _rand((C,), sdt)
+    mask = None
+    if mask_mode == 2:
+        mask = R.pack_relu_mask((_rand(shape, dtype, cl) > 0).contiguous(
+            memory_format=torch.channels_last if cl else torch.contiguous_format))
+    factor = {None: None, "n": torch.rand(N, dtype=dtype) + 0.5,
+              "nc": torch.rand(N, C, dtype=sdt) + 0.5}[factor_kind]
+    proj = skip_mode == 2
+    return (dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
+            zd if proj else None, mean.flip(0) if proj else None, rstd.flip(0) if proj else None)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("mask_mode,skip_mode,factor_kind",
+                         [(2, 1, None), (1, 0, "nc"), (2, 2, "nc"), (0, 1, "n")])
+def test_reduce_per_sample(tiling, dtype, cl, mask_mode, skip_mode, factor_kind):
+    from fusedres import kernels as K
+    shape = _shape(tiling, cl)
+    head = _bwd_head(shape, dtype, cl, mask_mode, skip_mode, factor_kind)
+    with triton_ran("_bn_act_bwd_reduce_kernel"):
+        per = K.bn_act_bwd_reduce(*head, True)
+    assert per.shape == ((4 if skip_mode == 2 else 2),) + shape[:2]
+    _close(per, R.bn_act_bwd_reduce(*head, True), dtype, "per-sample sums")
+    _close(K.bn_act_bwd_reduce(*head), R.bn_act_bwd_reduce(*head), dtype, "sums")
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("mask_mode,skip_mode,factor_kind,batch_stats",
+                         [(2, 1, "nc", True), (1, 0, None, True), (2, 2, "nc", True),
+                          (0, 1, "nc", False)])
+def test_apply_du_add(tiling, dtype, cl, mask_mode, skip_mode, factor_kind, batch_stats):
+    from fusedres import kernels as K
+    shape = _shape(tiling, cl)
+    N, C = shape[:2]
+    head = _bwd_head(shape, dtype, cl, mask_mode, skip_mode, factor_kind)
+    sdt = head[2].dtype
+    ms = _rand((4 if skip_mode == 2 else 2, C), sdt)
+    du_add = _rand((N, C), sdt)
+    tail = (head[3].flip(0) if skip_mode == 2 else None, batch_stats, skip_mode == 2, None, ms,
+            du_add)
+    with triton_ran("_bn_act_bwd_apply_kernel"):
+        dz, dskip = K.bn_act_bwd_apply(*head, *tail)
+    dz_r, dskip_r = R.bn_act_bwd_apply(*head, *tail)
+    _close(dz, dz_r, dtype, "dz")
+    _close(dskip, dskip_r, dtype, "dskip")
+    # du_add has teeth: without it dz differs
+    assert not torch.allclose(dz, R.bn_act_bwd_apply(*head, *tail[:-1], None)[0])
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_fused_bwd_factor_per_channel(tiling, cl):
+    from fusedres import kernels as K
+    shape = _shape(tiling, cl)
+    head = _bwd_head(shape, torch.float32, cl, 2, 2, "nc")
+    tail = (head[3], True, True, True, None)
+    for a, e, name in zip(K.bn_act_bwd(*head, *tail), R.bn_act_bwd(*head, *tail),
+                          ("dz", "dzd", "sums")):
+        assert_close_fp32(a, e, name)
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck in fp64 through the Triton kernels: the gated BN's backward (gate API)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("kind", ["se", "eca"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_gradcheck_gated_bn_triton(device, kind, cl):
+    """stats_pool -> SE/ECA gate -> fwd(factor = f*g) and reduce(per_sample) -> gate
+    backward -> apply(du_add), all through the Triton kernels, against finite differences
+    of the same kernels and against autograd of the plain formula."""
+    from fusedres import kernels as K
+    torch.manual_seed(1)
+    N, C, H, W = 2, 8, 3, 3
+    dt = torch.float64
+    gate, gparams = _gate_case(kind, C, dt, device)
+    z = _rand((N, C, H, W), dt, cl, 1.5, 0.2, device)
+    skip = _rand((N, C, H, W), dt, cl, device=device)
+    weight = torch.rand(C, dtype=dt, device=device) + 0.5
+    bias = _rand((C,), dt, device=device)
+    f = torch.tensor([2.0, 0.0], dtype=dt, device=device)
+    leaves = [t.requires_grad_(True) for t in (z, skip, weight, bias, *gparams)]
+
+    def fn(*ts):
+        return GatedBN.apply(K, gate, f, *ts)
+
+    with triton_ran("_bn_stats_partial_kernel", "_bn_act_fwd_kernel",
+                    "_bn_act_bwd_reduce_kernel", "_bn_act_bwd_apply_kernel"):
+        y = fn(*leaves)
+        dy = _rand(y.shape, dt, device=device)
+        got = torch.autograd.grad(y, leaves, dy)
+    y_ref = gated_bn_plain(gate, f, *leaves)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(y_ref, leaves, dy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+    # fast mode (random directions: few evaluations of the interpreted kernels); a ReLU
+    # kink within eps of an input would fail it, which these inputs do not have
+    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_pool_and_per_sample_over_sample_chunks(cl, monkeypatch):
+    """GPU tiling with several sample chunks (and, channels_last, position blocks too):
+    each (chunk, channel block) group's last program merges its own samples."""
+    if not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from fusedres import kernels as K
+    from fusedres.kernels import config, launch
+    monkeypatch.setattr(config, "INTERPRET_TILES", False)
+    shape = (5, 8, 10, 20) if cl else (7, 8, 10, 20)
+    N, C, H, W = shape
+    for kind in ("stats", "reduce"):
+        cfg = config.tile_config(N, C, H * W, cl, kind, 1, False, 4)
+        S = -(-H * W // cfg.BLOCK_HW)
+        assert cfg.grid[0] // S > 1 and (S > 1 or not cl), cfg
+    x = _rand(shape, torch.float32, cl, 2.0, 0.5)
+    st, m = K.bn_stats_pool(x, None, None, None, None, None, 0.1, EPS)
+    assert torch.equal(st, K.bn_stats(x, None, None, None, None, None, 0.1, EPS))
+    assert_close_fp32(m, R.bn_pool(x), "pooled")
+    head = _bwd_head(shape, torch.float32, cl, 2, 1, "nc")
+    assert_close_fp32(K.bn_act_bwd_reduce(*head, True), R.bn_act_bwd_reduce(*head, True),
+                      "per-sample sums")
+    for buf in launch._COUNTERS.values():
+        assert not buf.any(), "a counter was left non-zero"

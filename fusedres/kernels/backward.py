@@ -27,12 +27,12 @@ import triton.language as tl
 
 from . import config
 from ..layout import is_channels_last, stats_dtype
-from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, load_tile,
-                      mask_sample_base, program_tile, relu_grad, relu_keep, store_tile,
-                      unpack_bits)
+from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, branch_factor,
+                      group_ticket, load_tile, mask_sample_base, program_tile, relu_grad,
+                      relu_keep, store_tile, sum_partials, unpack_bits)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import (acc_dtype, as_dtype, counters, in_layout, launch, num_sms, scratch,
-                     shape3)
+from .launch import (acc_dtype, as_dtype, branch_factor_arg, counters, in_layout, launch,
+                     num_sms, scratch, shape3)
 
 Tensor = torch.Tensor
 
@@ -59,19 +59,22 @@ def _bn_act_bwd_reduce_kernel(
     scale_ptr,       # [C] gamma*rstd
     shift_ptr,       # [C]
     mask_ptr,        # packed ReLU bits (FROM_BITS)
-    factor_ptr,      # [N] per-sample branch factor (has_factor)
+    factor_ptr,      # [N] or [N, C] branch factor (has_factor; FACTOR_PER_CHANNEL)
     zd_ptr,          # [N, C, H, W] projection conv output (SKIP_BN)
     mean_d_ptr,      # [C] (SKIP_BN)
     rstd_d_ptr,      # [C] (SKIP_BN)
-    part_ptr,        # [K, P, C] scratch: partial sums g_b, g_b*xhat[, g, g*xhat_d]
-    counter_ptr,     # [channel blocks] int32, zero; left zero
-    sums_ptr,        # [K, C] out: the sums
+    part_ptr,        # scratch: partial sums g_b, g_b*xhat[, g, g*xhat_d]: [K, P, C], or
+                     # [K, N, S, C] per sample and position block (PER_SAMPLE)
+    counter_ptr,     # [channel blocks] int32 (PER_SAMPLE: [sample chunks x channel blocks]), zero; left zero
+    sums_ptr,        # [K, C] out: the sums; [K, N, C] summed over H*W only (PER_SAMPLE)
     N, C, HW_Q, P,   # HW_Q = H*W / HW_VEC
     N_PER_PROG,
     no_relu,         # mask_mode 0: no ReLU to go through
     has_factor,
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
     SKIP_BN: tl.constexpr,     # also reduce for the projection BN
+    PER_SAMPLE: tl.constexpr,  # per-(sample, channel) sums (a gate's A and B): other stores
+    FACTOR_PER_CHANNEL: tl.constexpr,  # factor [N, C]: a vector load in the loop
     HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -102,52 +105,63 @@ def _bn_act_bwd_reduce_kernel(
     if SKIP_BN:
         acc_gs = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
         acc_gsx = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
-    for i in tl.range(0, tl.minimum(N - n_start, N_PER_PROG), num_stages=NUM_STAGES):
+    n_here = tl.minimum(N - n_start, N_PER_PROG)
+    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
+    s_blk = pid_p % num_s_blocks
+    NSC = tl.cast(N, tl.int64) * num_s_blocks * C  # one row of the per-sample partials
+    for i in tl.range(0, n_here, num_stages=NUM_STAGES):
         n = n_start + i
         dy = load_tile(dy_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
         z = load_tile(z_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
         g = _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_relu,
                                FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
-        g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
-        acc_g += g_b
-        acc_gx += g_b * ((z - mean) * rstd)
+        g_b = g * branch_factor(factor_ptr, n, c, cmask, C, has_factor, FACTOR_PER_CHANNEL,
+                                ACC_DTYPE)
         if SKIP_BN:
             zd = load_tile(zd_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
-            acc_gs += g
-            acc_gsx += g * ((zd - mean_d) * rstd_d)
+        if PER_SAMPLE:
+            # this sample's sums over the tile's positions: [K, N, S, C] partials
+            row = (tl.cast(n, tl.int64) * num_s_blocks + s_blk) * C + c
+            tl.store(part_ptr + row, tl.sum(g_b, axis=1), mask=cmask)
+            tl.store(part_ptr + NSC + row, tl.sum(g_b * ((z - mean) * rstd), axis=1), mask=cmask)
+            if SKIP_BN:
+                tl.store(part_ptr + 2 * NSC + row, tl.sum(g, axis=1), mask=cmask)
+                tl.store(part_ptr + 3 * NSC + row, tl.sum(g * ((zd - mean_d) * rstd_d), axis=1),
+                         mask=cmask)
+        else:
+            acc_g += g_b
+            acc_gx += g_b * ((z - mean) * rstd)
+            if SKIP_BN:
+                acc_gs += g
+                acc_gsx += g * ((zd - mean_d) * rstd_d)
 
-    row = pid_p * C + c
-    tl.store(part_ptr + row, tl.sum(acc_g, axis=1), mask=cmask)
-    tl.store(part_ptr + P * C + row, tl.sum(acc_gx, axis=1), mask=cmask)
-    if SKIP_BN:
-        tl.store(part_ptr + 2 * P * C + row, tl.sum(acc_gs, axis=1), mask=cmask)
-        tl.store(part_ptr + 3 * P * C + row, tl.sum(acc_gsx, axis=1), mask=cmask)
-
-    # Publish the partial (every thread's stores, then one release), take a ticket; the
-    # last program of the channel block adds the P partials up in index order.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
-    if ticket == P - 1:
-        _sum_partials(part_ptr, sums_ptr, 0, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
-        _sum_partials(part_ptr, sums_ptr, 1, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
+    if PER_SAMPLE:
+        # The last of the S programs of this (sample chunk, channel block) adds up the S
+        # position blocks of each of its samples, in position-block order.
+        tl.debug_barrier()
+        chunk = pid_p // num_s_blocks
+        if group_ticket(counter_ptr, chunk * tl.num_programs(1) + pid_c, num_s_blocks):
+            for i in tl.range(0, n_here):
+                for k in tl.static_range(4 if SKIP_BN else 2):
+                    sum_partials(part_ptr, sums_ptr, k * N + n_start + i, num_s_blocks, C, c,
+                                 cmask, 1.0, BLOCK_P, BLOCK_C, ACC_DTYPE)
+    else:
+        row = pid_p * C + c
+        tl.store(part_ptr + row, tl.sum(acc_g, axis=1), mask=cmask)
+        tl.store(part_ptr + P * C + row, tl.sum(acc_gx, axis=1), mask=cmask)
         if SKIP_BN:
-            _sum_partials(part_ptr, sums_ptr, 2, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
-            _sum_partials(part_ptr, sums_ptr, 3, P, C, c, cmask, BLOCK_P, BLOCK_C, ACC_DTYPE)
-        tl.atomic_xchg(counter_ptr + pid_c, 0)
+            tl.store(part_ptr + 2 * P * C + row, tl.sum(acc_gs, axis=1), mask=cmask)
+            tl.store(part_ptr + 3 * P * C + row, tl.sum(acc_gsx, axis=1), mask=cmask)
 
-
-@triton.jit
-def _sum_partials(part_ptr, sums_ptr, k, P, C, c, cmask, BLOCK_P: tl.constexpr,
-                  BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """sums[k, c] = sum over p of part[k, p, c], p in order: [BLOCK_P, BLOCK_C] at a time."""
-    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC_DTYPE)
-    for p0 in tl.range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        m = (p < P)[:, None] & cmask[None, :]
-        # .cg: read what the other SMs wrote from L2, never a stale L1 line
-        acc += tl.load(part_ptr + k * P * C + p[:, None] * C + c[None, :], mask=m, other=0.0,
-                       cache_modifier=".cg")
-    tl.store(sums_ptr + k * C + c, tl.sum(acc, axis=0), mask=cmask)
+        # Publish the partial (every thread's stores, then one release), take a ticket; the
+        # last program of the channel block adds the P partials up in index order.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
+        if ticket == P - 1:
+            for k in tl.static_range(4 if SKIP_BN else 2):
+                sum_partials(part_ptr, sums_ptr, k, P, C, c, cmask, 1.0, BLOCK_P, BLOCK_C,
+                             ACC_DTYPE)
+            tl.atomic_xchg(counter_ptr + pid_c, 0)
 
 
 @triton.jit(do_not_specialize=SAMPLE_COUNTS)
@@ -159,7 +173,8 @@ def _bn_act_bwd_apply_kernel(
     scale_ptr,       # [C] gamma*rstd
     shift_ptr,       # [C]
     mask_ptr,        # packed ReLU bits (FROM_BITS)
-    factor_ptr,      # [N] (has_factor)
+    factor_ptr,      # [N] or [N, C] (has_factor; FACTOR_PER_CHANNEL)
+    du_add_ptr,      # [N, C] statistics dtype, added to g_b before the BN backward (HAS_DU_ADD)
     sums_ptr,        # [K, C] sum g_b, g_b*xhat[, g, g*xhat_d] (batch_stats / batch_stats_d)
     zd_ptr,          # [N, C, H, W] (SKIP 2)
     mean_d_ptr,      # [C] (SKIP 2)
@@ -178,6 +193,8 @@ def _bn_act_bwd_apply_kernel(
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
     SKIP: tl.constexpr,        # 0 none, 1 write dskip = g, 2 write dzd
     HAS_DZ_ADD: tl.constexpr,  # add dz_add to dz (a load in the loop: a constexpr)
+    HAS_DU_ADD: tl.constexpr,  # add du_add[n, c] to g_b (likewise)
+    FACTOR_PER_CHANNEL: tl.constexpr,  # factor [N, C]: a vector load in the loop
     HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -217,7 +234,10 @@ def _bn_act_bwd_apply_kernel(
         z = z_raw.to(ACC_DTYPE)
         g = _grad_through_relu(dy_raw.to(ACC_DTYPE), z, scale, shift, mask_ptr, n, c, s, C, HW,
                                valid, no_relu, FROM_BITS, BLOCK_C, BLOCK_HW, CHANNELS_LAST)
-        g_b = g * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
+        g_b = g * branch_factor(factor_ptr, n, c, cmask, C, has_factor, FACTOR_PER_CHANNEL,
+                                ACC_DTYPE)
+        if HAS_DU_ADD:  # du = g_b + du_add[n, c]: a gate's pooling gradient dp/HW
+            g_b += tl.load(du_add_ptr + n * C + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
         dz = bn_input_grad(scale, g_b, z, mean, b, k, batch_stats)
         if HAS_DZ_ADD:
             dz += load_tile(dz_add_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
@@ -239,26 +259,36 @@ def _bwd_prepare(dy, z, zd, dz_add, factor):
     cl = is_channels_last(z)
     z = in_layout(z, cl)
     return (cl, in_layout(as_dtype(dy, z.dtype), cl), z, in_layout(zd, cl),
-            in_layout(dz_add, cl), as_dtype(factor, z.dtype))
+            in_layout(dz_add, cl), branch_factor_arg(factor, z))
 
 
 def _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
-                mean_d, rstd_d, sums: Tensor) -> Tensor:
-    """Fill ``sums`` [K, C] (K = 4 with a projection BN) for non-empty tensors: one launch."""
+                mean_d, rstd_d, sums: Tensor, per_sample: bool = False) -> Tensor:
+    """Fill ``sums`` [K, C] (K = 4 with a projection BN), or [K, N, C] (``per_sample``), for
+    non-empty tensors: one launch."""
     N, C, HW = shape3(z)
     dev = z.device
     skip_bn = skip_mode == 2
     cfg = tile_config(N, C, HW, cl, "reduce", num_sms(dev), config.INTERPRET_TILES,
                       z.element_size())
     P = cfg.grid[0]
-    part = torch.empty((sums.shape[0], P, C), device=dev, dtype=sums.dtype)
+    K = sums.shape[0]
+    if per_sample:  # [K, N, S, C] per sample and position block; a ticket per sample chunk
+        S = -(-HW // cfg.BLOCK_HW)
+        part = torch.empty((K, N, S, C), device=dev, dtype=sums.dtype)
+        n_counters = cfg.grid[0] // S * cfg.grid[1]
+    else:
+        part = torch.empty((K, P, C), device=dev, dtype=sums.dtype)
+        n_counters = cfg.grid[1]
     launch(_bn_act_bwd_reduce_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
            mask if mask_mode == 2 else scratch(dev, torch.uint8),
            factor if factor is not None else z,
            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
-           part, counters(dev, cfg.grid[1]), sums, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG,
+           part, counters(dev, n_counters), sums, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG,
            int(mask_mode == 0), int(factor is not None),
-           FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
+           FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, PER_SAMPLE=per_sample,
+           FACTOR_PER_CHANNEL=factor is not None and factor.dim() == 2,
+           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
            BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
            NUM_STAGES=cfg.num_stages,
            ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
@@ -266,8 +296,10 @@ def _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, sk
 
 
 def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
-               mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, sums, inv_count):
-    """(dz, dskip): the elementwise pass, with sums * inv_count the per-channel means."""
+               mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, sums, inv_count,
+               du_add=None):
+    """(dz, dskip): the elementwise pass, with sums * inv_count the per-channel means and
+    du_add [N, C] added to g_b before the BN backward."""
     N, C, HW = shape3(z)
     dev = z.device
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -282,6 +314,7 @@ def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, ski
     launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
            mask if mask_mode == 2 else scratch(dev, torch.uint8),
            factor if factor is not None else z,
+           du_add if du_add is not None else mean,
            sums if sums is not None and sums.numel() else mean,
            zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
            scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
@@ -289,6 +322,8 @@ def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, ski
            int(mask_mode == 0), int(factor is not None), int(batch_stats),
            int(skip_bn and batch_stats_d),
            FROM_BITS=mask_mode == 2, SKIP=skip_mode, HAS_DZ_ADD=dz_add is not None,
+           HAS_DU_ADD=du_add is not None,
+           FACTOR_PER_CHANNEL=factor is not None and factor.dim() == 2,
            HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
            NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
     return dz, dskip
@@ -308,11 +343,6 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     need_sums: the per-channel sums are wanted even without batch statistics (dgamma, dbeta).
     Returns (dz, dskip, sums): dskip empty for skip_mode 0; sums [2 or 4, C] =
     (dbeta, dgamma[, dbeta_d, dgamma_d]) in the statistics dtype, empty when not computed."""
-    if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor via the reference
-        from .. import reference
-        return reference.bn_act_bwd(dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
-                                    skip_mode, zd, mean_d, rstd_d, scale_d, batch_stats,
-                                    batch_stats_d, need_sums, dz_add)
     N, C, HW = shape3(z)
     cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
     reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
@@ -339,17 +369,14 @@ def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: 
                       per_sample: bool = False) -> Tensor:
     """The per-channel sums of bn_act_bwd alone, [2 or 4, C]; zeros for an empty z.
     ``per_sample``: summed over H*W only, [2 or 4, N, C]."""
-    if per_sample or (factor is not None and factor.dim() == 2):  # TEMPORARY: the reference
-        from .. import reference
-        return reference.bn_act_bwd_reduce(dy, z, mean, rstd, scale, shift, mask, mask_mode,
-                                           factor, skip_mode, zd, mean_d, rstd_d, per_sample)
     cl, dy, z, zd, _, factor = _bwd_prepare(dy, z, zd, None, factor)
     K = 4 if skip_mode == 2 else 2
+    shape = (K, z.shape[0], z.shape[1]) if per_sample else (K, z.shape[1])
     if z.numel() == 0:
-        return torch.zeros((K, z.shape[1]), device=z.device, dtype=stats_dtype(z))
+        return torch.zeros(shape, device=z.device, dtype=stats_dtype(z))
     return _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
                        zd, mean_d, rstd_d,
-                       torch.empty((K, z.shape[1]), device=z.device, dtype=stats_dtype(z)))
+                       torch.empty(shape, device=z.device, dtype=stats_dtype(z)), per_sample)
 
 
 def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
@@ -362,12 +389,13 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
     """The elementwise pass of bn_act_bwd with given per-channel means of the sums
     (bn_act_bwd_reduce's rows divided by the count, all ranks' under synchronised batch
     norm); du_add [N, C] added to g_b before the BN backward. Returns (dz, dskip)."""
-    if du_add is not None or (factor is not None and factor.dim() == 2):  # TEMPORARY
-        from .. import reference
-        return reference.bn_act_bwd_apply(dy, z, mean, rstd, scale, shift, mask, mask_mode,
-                                          factor, skip_mode, zd, mean_d, rstd_d, scale_d,
-                                          batch_stats, batch_stats_d, dz_add, mean_sums, du_add)
     cl, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
+    if du_add is not None:
+        N, C = z.shape[:2]
+        if tuple(du_add.shape) != (N, C):
+            raise ValueError(f"bn_act_bwd_apply(du_add): expected shape ({N}, {C}), got "
+                             f"{tuple(du_add.shape)}")
+        du_add = as_dtype(du_add, stats_dtype(z)).contiguous()
     return _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
                       zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add,
-                      in_layout(mean_sums, False), 1.0)
+                      in_layout(mean_sums, False), 1.0, du_add)

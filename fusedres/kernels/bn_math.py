@@ -177,3 +177,43 @@ def store_bits(mask_base, keep, c0, s0, C, HW, in_batch, BLOCK_C: tl.constexpr,
         s8 = s0 // 8 + tl.arange(0, BLOCK_HW // 8)
         tl.store(mask_base + c[:, None] * HW8 + s8[None, :], packed,
                  mask=(c < C)[:, None] & (s8 < HW8)[None, :] & in_batch)
+
+
+@triton.jit
+def branch_factor(factor_ptr, n, c, cmask, C, has_factor, PER_CHANNEL: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr):
+    """The branch factor of sample n: factor[n] ([N], stochastic depth; a scalar), or
+    factor[n, c] as [BLOCK_C, 1] (PER_CHANNEL, [N, C]: a squeeze-excite / ECA gate times
+    the stochastic-depth factor); 1 without one (the load is predicated off)."""
+    if PER_CHANNEL:
+        f = tl.load(factor_ptr + n * C + c, mask=cmask & (has_factor != 0), other=1.0)
+        return f.to(ACC_DTYPE)[:, None]
+    else:
+        return tl.load(factor_ptr + n, mask=has_factor != 0, other=1.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def sum_partials(part_ptr, out_ptr, k, P, C, c, cmask, divisor, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """out[k, c] = (sum over p of part[k, p, c], p in order) / divisor, [BLOCK_P, BLOCK_C]
+    partials at a time: the same bits every run, whatever order the programs finished in."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC_DTYPE)
+    for p0 in tl.range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = (p < P)[:, None] & cmask[None, :]
+        # .cg: read what the other SMs wrote from L2, never a stale L1 line
+        acc += tl.load(part_ptr + (tl.cast(k, tl.int64) * P + p[:, None]) * C + c[None, :],
+                       mask=m, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + tl.cast(k, tl.int64) * C + c, tl.sum(acc, axis=0) / divisor, mask=cmask)
+
+
+@triton.jit
+def group_ticket(counter_ptr, group, group_size):
+    """Take a ticket on ``group``'s zeroed counter (after a barrier, so this program's
+    partials are published); True for the last of its ``group_size`` programs, which
+    resets the counter. Callers barrier before the first ticket of a program."""
+    ticket = tl.atomic_add(counter_ptr + group, 1, sem="acq_rel")
+    last = ticket == group_size - 1
+    if last:
+        tl.atomic_xchg(counter_ptr + group, 0)
+    return last

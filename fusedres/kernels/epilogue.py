@@ -4,7 +4,9 @@ launcher.
     y = act( f_n * (z*scale + shift) + skip ),   act = ReLU or identity
     skip = 0 | r | zd*scale_d + shift_d       (none, identity, projection shortcut's own BN)
 
-f_n is an optional per-sample factor (stochastic depth: keep/keep_prob). Training passes
+f_n is an optional per-sample factor (stochastic depth: keep/keep_prob), or f_nc a
+per-(sample, channel) one: a squeeze-excite / ECA gate g[n, c] (times f_n), which is
+constant over H*W and so rides on the same load (``FACTOR_PER_CHANNEL``). Training passes
 the scale and shift of bn_stats. In eval mode (``running``) the kernel derives them itself
 from the BN's parameters, scale = gamma/sqrt(running_var + eps), shift = beta -
 running_mean*scale, and the first program of each channel block stores the (mean, rstd,
@@ -23,10 +25,11 @@ import triton.language as tl
 from . import config
 from ..layout import is_channels_last, mask_shape, stats_dtype
 from ..reference import running_stats
-from .bn_math import (bn_apply, load_tile, mask_sample_base, program_tile, relu, relu_keep,
-                      store_bits, store_tile)
+from .bn_math import (bn_apply, branch_factor, load_tile, mask_sample_base, program_tile,
+                      relu, relu_keep, store_bits, store_tile)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import acc_dtype, as_dtype, in_layout, launch, num_sms, scratch, shape3
+from .launch import (acc_dtype, branch_factor_arg, in_layout, launch, num_sms, scratch,
+                     shape3)
 
 Tensor = torch.Tensor
 
@@ -79,7 +82,7 @@ def _bn_act_fwd_kernel(
     skip_running_mean_ptr,
     skip_running_var_ptr,
     skip_stats_ptr,
-    factor_ptr,      # [N] per-sample branch factor (has_factor)
+    factor_ptr,      # [N] or [N, C] branch factor (has_factor; FACTOR_PER_CHANNEL)
     mask_ptr,        # packed ReLU bits (write_mask): [N, C, ceil(HW/8)] or [N, HW, ceil(C/8)]
     N, C, HW_Q,      # H*W / HW_VEC
     N_PER_PROG,
@@ -95,6 +98,7 @@ def _bn_act_fwd_kernel(
     do_relu,
     write_mask,
     SKIP: tl.constexpr,          # 0 none, 1 tensor, 2 normalised tensor
+    FACTOR_PER_CHANNEL: tl.constexpr,  # factor [N, C]: a vector load in the loop, not a scalar
     HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -109,7 +113,6 @@ def _bn_act_fwd_kernel(
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
                                                       CHANNELS_LAST)
     cmask = c < C
-    has_factor = has_factor != 0
     first = tl.program_id(0) == 0
     scale, shift = norm_coefficients(c, cmask, first, scale_ptr, shift_ptr, weight_ptr,
                                      bias_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
@@ -124,7 +127,8 @@ def _bn_act_fwd_kernel(
         n = n_start + i
         z = load_tile(z_ptr, n, offs, valid, C, HW)
         v = bn_apply(z.to(ACC_DTYPE), scale, shift)
-        v = v * tl.load(factor_ptr + n, mask=has_factor, other=1.0).to(ACC_DTYPE)
+        v = v * branch_factor(factor_ptr, n, c, cmask, C, has_factor, FACTOR_PER_CHANNEL,
+                              ACC_DTYPE)
         if SKIP == 1:
             v += load_tile(skip_ptr, n, offs, valid, C, HW).to(ACC_DTYPE)
         if SKIP == 2:
@@ -163,7 +167,8 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                skip_bias: Optional[Tensor], skip_running_mean: Optional[Tensor],
                skip_running_var: Optional[Tensor], skip_eps: float, skip_norm: bool,
                factor: Optional[Tensor], relu: bool, write_mask: bool):
-    """y = act(factor[n]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift.
+    """y = act(factor[n(, c)]*(z*scale + shift) + skip), skip = r | zd*skip_scale + skip_shift;
+    ``factor`` [N] or [N, C].
 
     ``scale`` None: eval, the kernel derives scale and shift from weight, bias and the
     running statistics (likewise ``skip_scale`` None for the projection BN, ``skip_norm``).
@@ -171,12 +176,6 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     ReLU bits (mask_shape(z), uint8) when ``write_mask``, else an empty uint8 tensor;
     stats / skip_stats the [4, C] (mean, rstd, scale, shift) derived in eval mode, else
     empty."""
-    if factor is not None and factor.dim() == 2:  # TEMPORARY: [N, C] factor via the reference
-        from .. import reference
-        return reference.bn_act_fwd(z, scale, shift, weight, bias, running_mean, running_var,
-                                    eps, skip, skip_scale, skip_shift, skip_weight, skip_bias,
-                                    skip_running_mean, skip_running_var, skip_eps, skip_norm,
-                                    factor, relu, write_mask)
     N, C, HW = shape3(z)
     cl = is_channels_last(z)
     z = in_layout(z, cl)
@@ -202,7 +201,7 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                 out.copy_(running_stats(*args, sdt))
         return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
                 skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))
-    factor = as_dtype(factor, z.dtype)
+    factor = branch_factor_arg(factor, z)
     cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
                       z.element_size())
     launch(_bn_act_fwd_kernel, cfg.grid, z, y, *main, skip if skip is not None else z,
@@ -210,7 +209,7 @@ def bn_act_fwd(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
            mask if write_mask else scratch(dev, torch.uint8),
            N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps), *main_flags,
            *side_flags, int(factor is not None), int(relu), int(write_mask),
-           SKIP=skip_mode, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
+           SKIP=skip_mode, FACTOR_PER_CHANNEL=factor is not None and factor.dim() == 2, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
            BLOCK_HW=cfg.BLOCK_HW, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
     return (y, mask, stats if stats is not None else z.new_empty((0,), dtype=sdt),
             skip_stats if skip_stats is not None else z.new_empty((0,), dtype=sdt))

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import triton.language as tl
 
+from ..layout import stats_dtype
 from . import config
 from .config import MAX_REGISTERS
 
@@ -70,6 +71,20 @@ def in_layout(t: Optional[Tensor], channels_last: bool) -> Optional[Tensor]:
 def as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t`` in ``dtype``, without a call when it already is."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def branch_factor_arg(factor: Optional[Tensor], z: Tensor) -> Optional[Tensor]:
+    """The factor as the kernels read it: [N] in z's dtype (one variant with and without
+    it), [N, C] contiguous in the statistics dtype (a gate is never rounded to bf16)."""
+    if factor is None:
+        return None
+    if factor.dim() == 1:
+        return as_dtype(factor, z.dtype)
+    N, C = z.shape[:2]
+    if tuple(factor.shape) != (N, C):
+        raise ValueError(f"factor: expected shape ({N},) or ({N}, {C}), got "
+                         f"{tuple(factor.shape)}")
+    return as_dtype(factor, stats_dtype(z)).contiguous()
 
 
 _SCRATCH: dict = {}

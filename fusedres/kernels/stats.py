@@ -16,6 +16,16 @@ block's partials in partial-index order (never arrival order: the result is the 
 for bit every run), writes mean, rstd, scale, shift, and updates the running statistics.
 The last of those merging programs counts the batch in num_batches_tracked.
 
+With ``POOL`` (a squeeze-excite / ECA gate's input, ``bn_stats_pool`` and ``bn_pool``) the
+same launch also writes m[n, c] = mean over H*W of x: each program stores, per sample, its
+tile's sum over positions (a [N, S, C] partial, S position blocks), and the last of the S
+programs of each (sample chunk, channel block) adds them up in position-block order, so
+the pooled means are deterministic too and x is read once. The statistics are computed
+exactly as without POOL (same tiles, same merge), so bn_stats_pool's running-statistics
+update is bn_stats's bit for bit. In eval (``bn_pool``) the same kernel runs with the
+moments output thrown away: the Welford arithmetic is hidden under the one read of x,
+and a second kernel would copy this one's tiling and merge.
+
 Synchronised batch norm keeps two steps, since the ranks exchange data between them:
 ``bn_moments`` is the same kernel writing the merged (count, mean, M2) instead, and
 ``_bn_stats_finalize_kernel`` merges the gathered [R, 3, C] rows of every rank.
@@ -30,7 +40,8 @@ import triton.language as tl
 
 from . import config
 from ..layout import is_channels_last, stats_dtype
-from .bn_math import chan_combine, load_tile, program_tile, sample_base, welford_update
+from .bn_math import (chan_combine, group_ticket, load_tile, program_tile, sample_base,
+                      sum_partials, welford_update)
 from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
 from .launch import (acc_dtype, counters, hi_lo, in_layout, launch, num_sms, scratch,
                      shape3)
@@ -96,13 +107,16 @@ def count_batch(counter_ptr, n_blocks, nbt_ptr, count):
 def _bn_stats_partial_kernel(
     x_ptr,             # [N, C, H, W] conv output, NCHW or channels_last
     part_ptr,          # [2, P, C] scratch: (mean, M2) of each program's partial
-    counter_ptr,       # [channel blocks + 1] int32, zero; left zero
+    counter_ptr,       # [channel blocks + 1 (+ sample chunks x channel blocks: POOL)] int32,
+                       # zero; left zero
     weight_ptr,        # [C] gamma (has_weight)
     bias_ptr,          # [C] beta (has_bias)
     running_mean_ptr,  # [C] updated in place (update_running), any float dtype
     running_var_ptr,   # [C] updated in place (update_running)
     nbt_ptr,           # num_batches_tracked (cumulative or count)
     out_ptr,           # out: [4, C] (mean, rstd, scale, shift), or [3, C] (count, mean, M2)
+    pool_part_ptr,     # [N, S, C] scratch: per-sample sums over each position block (POOL)
+    pooled_ptr,        # [N, C] out: mean over H*W per (sample, channel) (POOL)
     N, C, HW_Q, P,   # HW_Q = H*W / HW_VEC
     N_PER_PROG,        # samples per program along the partial axis
     momentum,          # running-stat factor when not cumulative, as fp32 hi + lo
@@ -121,6 +135,7 @@ def _bn_stats_partial_kernel(
     BLOCK_P: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     ACC_DTYPE: tl.constexpr,   # fp32, or fp64 for fp64 storage
+    POOL: tl.constexpr,        # also the per-(sample, channel) means (a store in the loop)
 ):
     HW = HW_Q * HW_VEC  # H*W, with the factor the compiler can see (JIT hints stop at 16)
     n_start, c0, s0, c, s, valid, offs = program_tile(C, HW, N_PER_PROG, BLOCK_C, BLOCK_HW,
@@ -140,8 +155,13 @@ def _bn_stats_partial_kernel(
     pivot = pivot.to(ACC_DTYPE)[:, None]
     mean = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
     m2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC_DTYPE)
+    num_s_blocks = tl.cdiv(HW, BLOCK_HW)
     for i in tl.range(0, n_here, num_stages=NUM_STAGES):
-        x = load_tile(x_ptr, n_start + i, offs, valid, C, HW).to(ACC_DTYPE) - pivot
+        xr = load_tile(x_ptr, n_start + i, offs, valid, C, HW).to(ACC_DTYPE)
+        if POOL:  # this sample's sum over the tile's positions (masked lanes loaded as 0)
+            row = (tl.cast(n_start + i, tl.int64) * num_s_blocks + pid_p % num_s_blocks) * C + c
+            tl.store(pool_part_ptr + row, tl.sum(xr, axis=1), mask=cmask)
+        x = xr - pivot
         mean, m2 = welford_update(mean, m2, x, 1.0 / tl.cast(i + 1, ACC_DTYPE))
 
     # Every valid lane saw the same number of samples, so the lanes of a channel merge
@@ -158,10 +178,17 @@ def _bn_stats_partial_kernel(
     # Publish the partial (every thread's stores, then one release), take a ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
+    if POOL:
+        # The last of the S programs of this (sample chunk, channel block) adds up its
+        # samples' position-block sums; its counters follow the channel blocks' and nbt's.
+        group = tl.num_programs(1) + 1 + (pid_p // num_s_blocks) * tl.num_programs(1) + pid_c
+        if group_ticket(counter_ptr, group, num_s_blocks):
+            for i in tl.range(0, n_here):
+                sum_partials(pool_part_ptr, pooled_ptr, n_start + i, num_s_blocks, C, c, cmask,
+                             tl.cast(HW, ACC_DTYPE), BLOCK_P, BLOCK_C, ACC_DTYPE)
     if ticket == P - 1:
         # The last program of this channel block: merge the P partials in index order.
         # A partial's count follows from its index: samples in its chunk x positions.
-        num_s_blocks = tl.cdiv(HW, BLOCK_HW)
         n_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
         mean_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
         m2_acc = tl.zeros([BLOCK_C], ACC_DTYPE)
@@ -277,7 +304,10 @@ def _empty_batch_stats(x: Tensor, num_batches_tracked, update: bool) -> Tensor:
     return out
 
 
-def _stats_launch(x: Tensor, out: Tensor, bn_args, flags, write_moments: bool):
+def _stats_launch(x: Tensor, out: Tensor, bn_args, flags, write_moments: bool,
+                  pooled: Optional[Tensor] = None):
+    """One launch of the statistics kernel; with ``pooled`` ([N, C]) it also writes the
+    per-(sample, channel) means there (POOL)."""
     N, C, HW = shape3(x)
     cl = is_channels_last(x)
     x = in_layout(x, cl)
@@ -286,10 +316,18 @@ def _stats_launch(x: Tensor, out: Tensor, bn_args, flags, write_moments: bool):
                       x.element_size())
     P = cfg.grid[0]
     part = torch.empty((2, P, C), device=dev, dtype=out.dtype)
-    launch(_bn_stats_partial_kernel, cfg.grid, x, part, counters(dev, cfg.grid[1] + 1),
-           *bn_args, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(write_moments),
-           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
-           BLOCK_P=cfg.BLOCK_P, NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), num_warps=cfg.num_warps)
+    n_counters = cfg.grid[1] + 1
+    if pooled is not None:
+        S = -(-HW // cfg.BLOCK_HW)
+        pool_part = torch.empty((N, S, C), device=dev, dtype=out.dtype)
+        n_counters += P // S * cfg.grid[1]
+    else:
+        pool_part = pooled = part  # stand-ins, never touched
+    launch(_bn_stats_partial_kernel, cfg.grid, x, part, counters(dev, n_counters),
+           *bn_args, pool_part, pooled, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags,
+           int(write_moments), HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
+           BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P, NUM_STAGES=cfg.num_stages,
+           ACC_DTYPE=acc_dtype(x), POOL=pooled is not part, num_warps=cfg.num_warps)
 
 
 def bn_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -345,14 +383,30 @@ def bn_stats_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                   eps: float):
-    """bn_stats and the mean over H*W of x per (sample, channel), [N, C].
-    TEMPORARY (gate API first): the pooling runs in torch, not yet in the statistics launch."""
-    from .. import reference
-    return (bn_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                     momentum, eps), reference.bn_pool(x))
+    """bn_stats (the same [4, C] result and running-statistics update, bit for bit) and
+    the mean over H*W of x per (sample, channel), [N, C], from the same launch."""
+    N, C = x.shape[:2]
+    sdt = stats_dtype(x)
+    if x.numel() == 0:
+        return (_empty_batch_stats(x, num_batches_tracked, running_mean is not None),
+                torch.zeros((N, C), device=x.device, dtype=sdt))
+    out = torch.empty((4, C), device=x.device, dtype=sdt)
+    pooled = torch.empty((N, C), device=x.device, dtype=sdt)
+    bn_args, flags = _running_args(x.device, weight, bias, running_mean,
+                                   running_var, num_batches_tracked, momentum, eps, out)
+    _stats_launch(x, out, bn_args, flags, False, pooled)
+    return out, pooled
 
 
 def bn_pool(x: Tensor) -> Tensor:
-    """The mean over H*W of x per (sample, channel), [N, C]. TEMPORARY: torch."""
-    from .. import reference
-    return reference.bn_pool(x)
+    """The mean over H*W of x per (sample, channel), [N, C] (eval's one pooling read): the
+    statistics kernel with POOL, its moments thrown away; zeros where H*W is 0."""
+    N, C = x.shape[:2]
+    sdt = stats_dtype(x)
+    if x.numel() == 0:
+        return torch.zeros((N, C), device=x.device, dtype=sdt)
+    pooled = torch.empty((N, C), device=x.device, dtype=sdt)
+    moments = torch.empty((3, C), device=x.device, dtype=sdt)
+    bn_args, flags = _running_args(x.device, None, None, None, None, None, 0.0, 1.0, moments)
+    _stats_launch(x, moments, bn_args, flags, True, pooled)
+    return pooled
