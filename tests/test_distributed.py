@@ -403,6 +403,44 @@ def test_sync_functional_process_group_and_one_rank_group():
     run_ranks(_functional_worker, 2)
 
 
+def _sync_gate_worker(rank, world, sizes):
+    """timm blocks with a squeeze-excite / ECA gate and nn.SyncBatchNorm, converted, on
+    this rank's slice against the plain block on the whole batch: the gate pools per
+    sample (bn_pool: the moments pass does not pool), the last BN's backward sums, the
+    gate's share included, go over the ranks."""
+    from timm.layers import EcaModule, SEModule
+    from timm.models.resnet import BasicBlock, Bottleneck
+    from test_convert import randomize
+    torch.set_default_dtype(torch.float64)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    cases = {"basic+se, projection": lambda: BasicBlock(
+                 6, 8, stride=2, attn_layer=SEModule, downsample=nn.Sequential(
+                     nn.Conv2d(6, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))),
+             "bottleneck+eca, identity": lambda: Bottleneck(16, 4, attn_layer=EcaModule)}
+    for name, make in cases.items():
+        torch.manual_seed(7)
+        ref = randomize(make())
+        fus = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)))
+        assert fusedres.fused_blocks(fus) == [""], name
+        x = torch.randn(sum(sizes), ref.conv1.in_channels, 9, 8)
+        xr = x.clone().requires_grad_()
+        out = ref(xr)
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        xf = x[lo:hi].clone().requires_grad_()
+        y = fus(xf)
+        (y * g[lo:hi]).sum().backward()
+        what = f"{name}, rank {rank}"
+        _close(y, out[lo:hi], f"{what} output")
+        _close(xf.grad, xr.grad[lo:hi], f"{what} x.grad")
+        assert_rank_state(ref, fus, what)
+
+
+def test_sync_gated_blocks_match_whole_batch():
+    pytest.importorskip("timm")
+    run_ranks(_sync_gate_worker, 2, (3, 1))
+
+
 def test_sync_block_under_torch_compile():
     run_ranks(_compiled_worker, 2)
 
