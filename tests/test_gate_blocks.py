@@ -23,6 +23,7 @@ from checks import (INTERPRET, TRITON_DEVICES, assert_compiles_like_eager,
 from fusedres.convert import why_not_fused
 from fusedres.gate import GateParams, gate_backward, gate_forward, read_gate
 from fusedres.modules import split_downsample
+from fusedres.plan import _PLANS
 from test_convert import (assert_bf16_outputs, assert_close64, assert_drop_path_matches,
                           assert_one_step_close, assert_state_close, assert_trains_like,
                           convert_quietly, randomize)
@@ -214,6 +215,7 @@ def test_replaced_gate_is_picked_up():
                     change(m)
             for _ in range(2):
                 assert_close64(f"eval output, {what}", fused(x), original(x))
+            assert _PLANS[fused.layer3[0]].hit is not None  # the second call took the fast check
 
 
 def test_compiled_gated_model_matches_eager():
