@@ -297,6 +297,19 @@ struct MomentsMergeOp {
   FR_HD void finalize(int64_t c, const Acc& a) const { epi(c, a); }
 };
 
+// What Dev::sample_reduce does for the i-th (sample, channel), i = n*C + c: every position
+// in order, then the op's per-(n, c) epilogue. Both backends call this per (n, c).
+template <class Op>
+FR_HD void reduce_sample_channel(const Op& op, const Geometry& g, int64_t i) {
+  const int64_t n = i / g.C, c = i % g.C;
+  typename Op::Acc a = Op::zero();
+  for (int64_t s = 0; s < g.HW; ++s) {
+    if (g.cl) op.push(a, n * g.HW + s, c, n, c);
+    else op.push(a, i, s, n, c);  // NCHW: line n*C + c
+  }
+  op.finalize_nc(n, c, a);
+}
+
 // bn_stats_pool / bn_pool: pooled[n, c] = mean over H*W of x (Dev::sample_reduce).
 template <class T, class A>
 struct PoolOp {

@@ -75,15 +75,7 @@ struct CpuDev {
   static void sample_reduce(const Op& op, const Geometry& g, const Tensor& /*like*/) {
     const int64_t NC = g.N * g.C;
 #pragma omp parallel for schedule(static) if (NC * g.HW >= kMinParallelElements)
-    for (int64_t i = 0; i < NC; ++i) {
-      const int64_t n = i / g.C, c = i % g.C;
-      typename Op::Acc a = Op::zero();
-      for (int64_t s = 0; s < g.HW; ++s) {
-        if (g.cl) op.push(a, n * g.HW + s, c, n, c);
-        else op.push(a, i, s, n, c);  // NCHW: line n*C + c
-      }
-      op.finalize_nc(n, c, a);
-    }
+    for (int64_t i = 0; i < NC; ++i) reduce_sample_channel(op, g, i);
   }
 
   template <class View>

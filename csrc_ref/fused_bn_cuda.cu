@@ -106,14 +106,7 @@ template <class Op>
 __global__ void __launch_bounds__(kThreads)
 sample_reduce_kernel(const Op op, const Geometry g) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= g.N * g.C) return;
-  const int64_t n = i / g.C, c = i % g.C;
-  typename Op::Acc a = Op::zero();
-  for (int64_t s = 0; s < g.HW; ++s) {
-    if (g.cl) op.push(a, n * g.HW + s, c, n, c);
-    else op.push(a, i, s, n, c);  // NCHW: line n*C + c
-  }
-  op.finalize_nc(n, c, a);
+  if (i < g.N * g.C) reduce_sample_channel(op, g, i);
 }
 
 template <class View>
