@@ -434,3 +434,54 @@ def test_pool_and_per_sample_over_sample_chunks(cl, monkeypatch):
                       "per-sample sums")
     for buf in launch._COUNTERS.values():
         assert not buf.any(), "a counter was left non-zero"
+
+
+# --------------------------------------------------------------------------------------
+# opcheck of the new and changed custom ops (the backend of CPU tensors: the reference,
+# or the Triton kernels under TRITON_INTERPRET=1)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_opcheck_gate_ops(cl):
+    from fusedres import ops
+    torch.manual_seed(0)
+    N, C, H, W = 2, 12, 5, 3
+    z, r, dy = (_rand((N, C, H, W), torch.float32, cl) for _ in range(3))
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    for args in ((z, w, b, torch.randn(C), torch.rand(C) + 0.5, torch.tensor(3), 0.1, EPS),
+                 (z, None, None, torch.randn(C), torch.rand(C) + 0.5, torch.tensor(0), None,
+                  EPS),
+                 (z, w, b, None, None, None, 0.1, EPS)):
+        torch.library.opcheck(ops.bn_stats_pool, args)
+    torch.library.opcheck(ops.bn_pool, (z,))
+    st = R.bn_stats(z, w, b, None, None, None, 0.1, EPS)
+    gate = torch.rand(N, C)
+    fwd = (z, st[2], st[3], None, None, None, None, EPS, r, None, None, None, None, None, None,
+           EPS, False, gate, True, True)
+    torch.library.opcheck(ops.bn_act_fwd, fwd)
+    mask = ops.bn_act_fwd(*fwd)[1]
+    head = (dy, z, *st, mask, 2, None, 1, None, None, None)
+    torch.library.opcheck(ops.bn_act_bwd_reduce, head + (True,))
+    torch.library.opcheck(ops.bn_act_bwd_reduce, head[:8] + (gate,) + head[9:] + (False,))
+    ms = R.bn_act_bwd_reduce(*head) / (N * H * W)
+    apply = head[:8] + (gate,) + head[9:] + (None, True, False, None, ms)
+    torch.library.opcheck(ops.bn_act_bwd_apply, apply + (torch.randn(N, C),))
+    torch.library.opcheck(ops.bn_act_bwd_apply, apply + (None,))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("kind", ["se", "eca"])
+def test_gradcheck_gated_bn_triton_every_input(device, kind):
+    """The full (not fast-mode) gradcheck, every input element, on a smaller shape."""
+    from fusedres import kernels as K
+    torch.manual_seed(2)
+    N, C, H, W = 2, 4, 2, 2
+    dt = torch.float64
+    gate, gparams = _gate_case(kind, C, dt, device)
+    leaves = [t.requires_grad_(True) for t in (
+        _rand((N, C, H, W), dt, False, 1.5, 0.2, device), _rand((N, C, H, W), dt, device=device),
+        torch.rand(C, dtype=dt, device=device) + 0.5, _rand((C,), dt, device=device), *gparams)]
+    f = torch.tensor([0.5, 2.0], dtype=dt, device=device)
+    assert torch.autograd.gradcheck(lambda *ts: GatedBN.apply(K, gate, f, *ts), tuple(leaves),
+                                    eps=1e-6, atol=1e-5, rtol=1e-4)
