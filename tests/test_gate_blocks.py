@@ -312,6 +312,24 @@ def test_gradcheck_gated_block_fp64(device, case):
                                         atol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", ["ecaresnet26t"])
+def test_gated_model_on_csrc_ref(name):
+    """The same block code over the hand-written C++ primitives (the second oracle): one
+    fp64 step and eval against timm's model."""
+    from test_csrc_ref import _toolchain_missing
+    why = _toolchain_missing()
+    if why:
+        pytest.skip(f"cannot build csrc_ref: {why}")
+    original = build(name).double()
+    fused = convert_quietly(copy.deepcopy(original))
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with fusedres.use_backend("csrc_ref"):
+        assert_one_step_close(fused, original, x)
+        with torch.no_grad():
+            assert_close64("eval output", fused.eval()(x), original.eval()(x))
+
+
 # --------------------------------------------------------------------------------------
 # Launches: the gate costs no pass over the activation in training, one in eval
 # --------------------------------------------------------------------------------------
