@@ -13,6 +13,9 @@
 //       op.finalize(c, acc) once per channel; deterministic (fixed partition, fixed order,
 //       no atomics).
 //   Dev::groups(view, geometry, like): view.group(line, j8) for every 8-element group.
+//   Dev::sample_reduce(op, geometry, like): per-(sample, channel) reduction over the H*W
+//       positions in position order with op.push, then op.finalize_nc(n, c, acc): a
+//       squeeze-excite / ECA gate's pooling and per-sample backward sums.
 //
 // Layout. A 4-D activation [N, C, H, W] is read as `lines` of `len` contiguous elements:
 // NCHW has N*C lines of H*W positions, channels_last has N*H*W lines of C channels. The
@@ -294,6 +297,36 @@ struct MomentsMergeOp {
   FR_HD void finalize(int64_t c, const Acc& a) const { epi(c, a); }
 };
 
+// What Dev::sample_reduce does for the i-th (sample, channel), i = n*C + c: every position
+// in order, then the op's per-(n, c) epilogue. Both backends call this per (n, c).
+template <class Op>
+FR_HD void reduce_sample_channel(const Op& op, const Geometry& g, int64_t i) {
+  const int64_t n = i / g.C, c = i % g.C;
+  typename Op::Acc a = Op::zero();
+  for (int64_t s = 0; s < g.HW; ++s) {
+    if (g.cl) op.push(a, n * g.HW + s, c, n, c);
+    else op.push(a, i, s, n, c);  // NCHW: line n*C + c
+  }
+  op.finalize_nc(n, c, a);
+}
+
+// bn_stats_pool / bn_pool: pooled[n, c] = mean over H*W of x (Dev::sample_reduce).
+template <class T, class A>
+struct PoolOp {
+  using Acc = A;
+  Geometry g;
+  const T* x;
+  A* pooled;               // [N, C] out
+
+  FR_HD static Acc zero() { return A(0); }
+  FR_HD void push(Acc& a, int64_t r, int64_t j, int64_t /*n*/, int64_t /*c*/) const {
+    a += A(x[r * g.len() + j]);
+  }
+  FR_HD void finalize_nc(int64_t n, int64_t c, const Acc& a) const {
+    pooled[n * g.C + c] = a / A(g.HW);
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward epilogue: y = act(f*(z*scale + shift) + skip), skip = r | zd*scale_d + shift_d,
 // f = f_n ([N] factor: stochastic depth) or f_nc ([N, C]: a squeeze-excite / ECA gate)
@@ -438,7 +471,7 @@ struct GradSumOp {
   BwdView<T, A> v;
   int K;                   // 2, or 4 with the projection BN
   int64_t count;           // M = N*H*W
-  A* sums;                 // [K, C] out
+  A* sums;                 // [K, C] out; [K, N, C] (Dev::sample_reduce: per sample)
   A* coef;                 // [4, C] out: sums / M for the elementwise pass, or null
 
   FR_HD static Acc zero() { return {{A(0), A(0), A(0), A(0)}}; }
@@ -464,6 +497,11 @@ struct GradSumOp {
       if (k < K) sums[k * C + c] = a.s[k];
       if (coef) coef[k * C + c] = a.s[k] / A(count);
     }
+  }
+  FR_HD void finalize_nc(int64_t n, int64_t c, const Acc& a) const {
+    const int64_t NC = v.g.N * v.g.C;
+    for (int k = 0; k < 4; ++k)
+      if (k < K) sums[k * NC + n * v.g.C + c] = a.s[k];
   }
 };
 
@@ -652,6 +690,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_stats_host(
   return s.finish();
 }
 
+// bn_pool: mean over H*W per (sample, channel), [N, C] in the statistics dtype (zeros
+// where H*W is 0).
+template <class Dev>
+Tensor bn_pool_host(const Tensor& x_in) {
+  check_activation("x", x_in);
+  const Geometry g = geometry(x_in);
+  const Tensor x = in_layout(x_in, g.cl);
+  Tensor pooled = at::empty({g.N, g.C}, x.options().dtype(stats_dtype(x)).memory_format(
+                                            at::MemoryFormat::Contiguous));
+  if (x.numel() == 0) return pooled.zero_();
+  FR_DISPATCH(x.scalar_type(), "fusedres_csrc_ref::bn_pool", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Dev::sample_reduce(PoolOp<scalar_t, A>{g, x.const_data_ptr<scalar_t>(), mptr<A>(pooled)}, g,
+                       x);
+  });
+  return pooled;
+}
+
+// bn_stats_pool: bn_stats, then bn_pool (two passes over x here: csrc_ref is the plain
+// baseline; the Triton kernel does both in one).
+template <class Dev>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_stats_pool_host(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps) {
+  auto [mean, rstd, scale, shift] = bn_stats_host<Dev>(x, weight, bias, running_mean,
+                                                       running_var, num_batches_tracked,
+                                                       momentum, eps);
+  return {mean, rstd, scale, shift, bn_pool_host<Dev>(x)};
+}
+
 template <class Dev>
 Tensor bn_moments_host(const Tensor& x_in) {
   check_activation("x", x_in);
@@ -815,11 +884,14 @@ struct BwdArgs {
             vec};
   }
 
-  // The per-channel sums into `sums` [K, C] and, when coef is defined, sums / M into it.
+  // The per-channel sums into `sums` [K, C] and, when coef is defined, sums / M into it;
+  // per_sample: the sums over H*W only into `sums` [K, N, C].
   template <class Dev, class T, class A>
-  void reduce(const BwdView<T, A>& v, const Tensor& sums, const Tensor& coef) const {
+  void reduce(const BwdView<T, A>& v, const Tensor& sums, const Tensor& coef,
+              bool per_sample = false) const {
     GradSumOp<T, A> op{v, K(), g.rows() * g.len() / g.C, mptr<A>(sums), mptr<A>(coef)};
-    Dev::reduce(op, g, z);
+    if (per_sample) Dev::sample_reduce(op, g, z);
+    else Dev::reduce(op, g, z);
   }
 };
 
@@ -852,15 +924,16 @@ Tensor bn_act_bwd_reduce_host(
     const Tensor& dy, const Tensor& z, const Tensor& mean, const Tensor& rstd,
     const Tensor& scale, const Tensor& shift, const OptTensor& mask, int64_t mask_mode,
     const OptTensor& factor, int64_t skip_mode, const OptTensor& zd, const OptTensor& mean_d,
-    const OptTensor& rstd_d) {
+    const OptTensor& rstd_d, bool per_sample) {
   const BwdArgs a("bn_act_bwd_reduce", dy, z, mean, rstd, scale, shift, mask, mask_mode, factor,
                   skip_mode, zd, mean_d, rstd_d, nullptr);
-  Tensor sums = a.new_sums(a.K());
+  Tensor sums = per_sample ? at::empty({a.K(), a.g.N, a.g.C}, a.z.options().dtype(a.sdt))
+                           : a.new_sums(a.K());
   if (a.empty()) return sums.zero_();
   FR_DISPATCH(a.z.scalar_type(), "fusedres_csrc_ref::bn_act_bwd_reduce", [&] {
     using A = at::opmath_type<scalar_t>;
     a.reduce<Dev>(a.view<scalar_t, A>(Tensor(), false, false, Tensor(), Tensor(), Tensor()),
-                  sums, Tensor());
+                  sums, Tensor(), per_sample);
   });
   return sums;
 }

@@ -69,6 +69,15 @@ struct CpuDev {
     }
   }
 
+  // Per (sample, channel), positions in order: one (n, c) per iteration, so the result does
+  // not depend on the thread count.
+  template <class Op>
+  static void sample_reduce(const Op& op, const Geometry& g, const Tensor& /*like*/) {
+    const int64_t NC = g.N * g.C;
+#pragma omp parallel for schedule(static) if (NC * g.HW >= kMinParallelElements)
+    for (int64_t i = 0; i < NC; ++i) reduce_sample_channel(op, g, i);
+  }
+
   template <class View>
   static void groups(const View& v, const Geometry& g, const Tensor& /*like*/) {
     const int64_t rows = g.rows(), L8 = g.len8();
@@ -97,6 +106,13 @@ TORCH_LIBRARY(fusedres_csrc_ref, m) {
   // The pieces of bn_stats and bn_act_bwd that synchronised batch norm runs around its
   // all-reduces of the moments and of the sums.
   m.def("bn_moments(Tensor x) -> Tensor");
+  // A squeeze-excite / ECA gate's pooled input: bn_stats plus mean_hw x [N, C], and the
+  // pooling alone (eval).
+  m.def(
+      "bn_stats_pool(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_pool(Tensor x) -> Tensor");
   m.def(
       "bn_stats_from_moments(Tensor moments, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
@@ -104,7 +120,7 @@ TORCH_LIBRARY(fusedres_csrc_ref, m) {
   m.def(
       "bn_act_bwd_reduce(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor scale, "
       "Tensor shift, Tensor? mask, int mask_mode, Tensor? factor, int skip_mode, Tensor? zd, "
-      "Tensor? mean_d, Tensor? rstd_d) -> Tensor");
+      "Tensor? mean_d, Tensor? rstd_d, bool per_sample=False) -> Tensor");
   m.def(
       "bn_act_bwd_apply(Tensor dy, Tensor z, Tensor mean, Tensor rstd, Tensor scale, "
       "Tensor shift, Tensor? mask, int mask_mode, Tensor? factor, int skip_mode, Tensor? zd, "
@@ -118,6 +134,8 @@ TORCH_LIBRARY_IMPL(fusedres_csrc_ref, CPU, m) {
   m.impl("bn_act_fwd", TORCH_FN(fusedres_ref::bn_act_fwd_host<CpuDev>));
   m.impl("bn_act_bwd", TORCH_FN(fusedres_ref::bn_act_bwd_host<CpuDev>));
   m.impl("bn_moments", TORCH_FN(fusedres_ref::bn_moments_host<CpuDev>));
+  m.impl("bn_stats_pool", TORCH_FN(fusedres_ref::bn_stats_pool_host<CpuDev>));
+  m.impl("bn_pool", TORCH_FN(fusedres_ref::bn_pool_host<CpuDev>));
   m.impl("bn_stats_from_moments", TORCH_FN(fusedres_ref::bn_stats_from_moments_host<CpuDev>));
   m.impl("bn_act_bwd_reduce", TORCH_FN(fusedres_ref::bn_act_bwd_reduce_host<CpuDev>));
   m.impl("bn_act_bwd_apply", TORCH_FN(fusedres_ref::bn_act_bwd_apply_host<CpuDev>));

@@ -100,6 +100,15 @@ channel_finalize_kernel(const Op op, const typename Op::Acc* __restrict__ part,
   if (lane == 0) op.finalize(c, a);
 }
 
+// One thread per (sample, channel), positions in order (consecutive threads are
+// consecutive channels: coalesced in channels_last, strided in NCHW; a plain baseline).
+template <class Op>
+__global__ void __launch_bounds__(kThreads)
+sample_reduce_kernel(const Op op, const Geometry g) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < g.N * g.C) reduce_sample_channel(op, g, i);
+}
+
 template <class View>
 __global__ void __launch_bounds__(kThreads)
 groups_kernel(const View v, const int64_t L8, const int64_t total) {
@@ -133,6 +142,15 @@ struct CudaDev {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  template <class Op>
+  static void sample_reduce(const Op& op, const Geometry& g, const Tensor& like) {
+    const c10::cuda::CUDAGuard guard(like.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t blocks = ceil_div(g.N * g.C, kThreads);
+    sample_reduce_kernel<Op><<<unsigned(blocks), kThreads, 0, stream>>>(op, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   template <class View>
   static void groups(const View& v, const Geometry& g, const Tensor& like) {
     const c10::cuda::CUDAGuard guard(like.device());
@@ -154,6 +172,8 @@ TORCH_LIBRARY_IMPL(fusedres_csrc_ref, CUDA, m) {
   m.impl("bn_act_fwd", TORCH_FN(fusedres_ref::bn_act_fwd_host<CudaDev>));
   m.impl("bn_act_bwd", TORCH_FN(fusedres_ref::bn_act_bwd_host<CudaDev>));
   m.impl("bn_moments", TORCH_FN(fusedres_ref::bn_moments_host<CudaDev>));
+  m.impl("bn_stats_pool", TORCH_FN(fusedres_ref::bn_stats_pool_host<CudaDev>));
+  m.impl("bn_pool", TORCH_FN(fusedres_ref::bn_pool_host<CudaDev>));
   m.impl("bn_stats_from_moments", TORCH_FN(fusedres_ref::bn_stats_from_moments_host<CudaDev>));
   m.impl("bn_act_bwd_reduce", TORCH_FN(fusedres_ref::bn_act_bwd_reduce_host<CudaDev>));
   m.impl("bn_act_bwd_apply", TORCH_FN(fusedres_ref::bn_act_bwd_apply_host<CudaDev>));

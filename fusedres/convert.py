@@ -10,7 +10,9 @@ name.
 
 Served: torchvision's BasicBlock / Bottleneck (ResNet, ResNeXt, wide ResNet), timm's ResNet
 BasicBlock / Bottleneck (with the avg-pool shortcut of the "d"/"t" variants, stochastic
-depth and the anti-aliasing ``aa`` layer of resnetaa*/resnetblur*: fusedres.antialias), timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
+depth, the anti-aliasing ``aa`` layer of resnetaa*/resnetblur*: fusedres.antialias, and
+the squeeze-excite / ECA gate ``se`` of seresnet*/ecaresnet*/resnetrs*: fusedres.gate),
+timm's ResNetV2 PreActBasic / PreActBottleneck with BatchNormAct2d + ReLU, and
 fusedres.reference's blocks. Norms may be nn.BatchNorm2d, timm's BatchNormAct2d, a
 frozen batch norm (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) or
 nn.SyncBatchNorm (all of a block's norms, one process group: fusedres.distributed), and
@@ -29,6 +31,7 @@ from torch import nn
 
 from .antialias import aa_problem
 from .distributed import sync_problem
+from .gate import gate_problem
 from .modules import (BlockLayout, FusedBasicBlock, FusedBottleneck, FusedPreActBlock,
                       FusedPreActBottleneck, FusedSyncBatchNorm, _FusedMixin, split_downsample)
 
@@ -39,7 +42,7 @@ __all__ = ["LAYOUTS", "Summary", "convert", "fused_blocks", "fused_class", "is_f
 # unfused): logging.basicConfig(level=logging.INFO) or a handler on "fusedres" shows it.
 logger = logging.getLogger("fusedres")
 
-_TIMM_ABSENT = ("drop_block", "se")
+_TIMM_ABSENT = ("drop_block",)
 
 #: (module, qualname) of each block class convert() serves -> where its parts are.
 LAYOUTS: dict = {
@@ -49,11 +52,11 @@ LAYOUTS: dict = {
         BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"), relus=("relu",)),
     ("timm.models.resnet", "BasicBlock"):
         BlockLayout(("conv1", "conv2"), ("bn1", "bn2"), relus=("act1", "act2"),
-                    absent=_TIMM_ABSENT, drop_path="drop_path", aa="aa", aa_after=0),
+                    absent=_TIMM_ABSENT, drop_path="drop_path", aa="aa", aa_after=0, gate="se"),
     ("timm.models.resnet", "Bottleneck"):
         BlockLayout(("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3"),
                     relus=("act1", "act2", "act3"), absent=_TIMM_ABSENT, drop_path="drop_path",
-                    aa="aa", aa_after=1),
+                    aa="aa", aa_after=1, gate="se"),
     ("timm.models.resnetv2", "PreActBasic"):
         BlockLayout(("conv1", "conv2"), ("norm1", "norm2"), preact=True, norm_act=True,
                     drop_path="drop_path"),
@@ -208,6 +211,9 @@ def why_not_fused(block: nn.Module) -> Optional[str]:
     aa = getattr(block, layout.aa, None) if layout.aa else None
     if aa is not None and not isinstance(aa, nn.Identity):
         problems.append(aa_problem(aa, layout.aa))
+    gate = getattr(block, layout.gate, None) if layout.gate else None
+    if gate is not None and not isinstance(gate, nn.Identity):
+        problems.append(gate_problem(gate, layout.gate))
     for name in layout.relus:
         problems.append(_act_problem(name, getattr(block, name, None), relu=True))
     for name in layout.convs:
@@ -303,7 +309,8 @@ def convert(model: nn.Module) -> nn.Module:
     fused equivalent, sharing its parameters and buffers; returns ``model``.
 
     Blocks already fused are left as they are (converting twice changes nothing). Blocks
-    of a known kind that cannot be fused (attention, an anti-aliasing layer other than
+    of a known kind that cannot be fused (an attention layer other than timm's SEModule or
+    EcaModule, an anti-aliasing layer other than
     AvgPool2d or BlurPool2d, DropBlock, another activation or norm, a conv with a bias,
     ...) are left alone and named, with the reason, in one warning. A model with no ResNet block at all also warns. Every
     nn.SyncBatchNorm outside the blocks (and inside: blocks read their norms' parameters

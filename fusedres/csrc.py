@@ -5,9 +5,8 @@ under TORCH_EXTENSIONS_DIR, rebuilt only when a source changes) and returns an o
 ``bn_stats``, ``bn_act_fwd`` and ``bn_act_bwd``, and the pieces synchronised batch norm runs
 around its all-reduces (``bn_moments``, ``bn_stats_from_moments``, ``bn_act_bwd_reduce``,
 ``bn_act_bwd_apply``), take the arguments of fusedres.reference's functions and return the
-same results. Of the gate primitives (squeeze-excite / ECA) the [N, C] factor and
-bn_act_bwd_apply's du_add are written in C++; bn_stats_pool, bn_pool and
-bn_act_bwd_reduce(per_sample=True) are not, and raise NotImplementedError. The ops are registered with the dispatcher as
+same results, the gate primitives (squeeze-excite / ECA: ``bn_stats_pool``, ``bn_pool``, the
+[N, C] factor, per-sample sums, du_add) included. The ops are registered with the dispatcher as
 ``torch.ops.fusedres_csrc_ref.*``: the CPU library defines them and carries the CPU kernels;
 the CUDA library, built only for a CUDA device, adds the CUDA kernels.
 
@@ -173,14 +172,13 @@ class CsrcOps:
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                       eps: float):
-        raise NotImplementedError(
-            "csrc_ref has no bn_stats_pool: the per-(sample, channel) pooling of a squeeze-"
-            "excite / ECA gate is not written in C++ (use the triton or reference backend)")
+        *stats, pooled = self._op("bn_stats_pool")(
+            x, weight, bias, running_mean, running_var, num_batches_tracked,
+            None if momentum is None else float(momentum), float(eps))
+        return torch.stack(stats), pooled
 
     def bn_pool(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(
-            "csrc_ref has no bn_pool: the per-(sample, channel) pooling of a squeeze-excite / "
-            "ECA gate is not written in C++ (use the triton or reference backend)")
+        return self._op("bn_pool")(x)
 
     def bn_moments(self, x: Tensor) -> Tensor:
         return self._op("bn_moments")(x)
@@ -199,13 +197,9 @@ class CsrcOps:
                           factor: Optional[Tensor], skip_mode: int, zd: Optional[Tensor],
                           mean_d: Optional[Tensor], rstd_d: Optional[Tensor],
                           per_sample: bool = False) -> Tensor:
-        if per_sample:
-            raise NotImplementedError(
-                "csrc_ref bn_act_bwd_reduce(per_sample=True): the per-(sample, channel) sums "
-                "are not written in C++ (use the triton or reference backend)")
         return self._op("bn_act_bwd_reduce")(
             dy, z, mean, rstd, scale, shift, mask, int(mask_mode), factor, int(skip_mode), zd,
-            mean_d, rstd_d)
+            mean_d, rstd_d, bool(per_sample))
 
     def bn_act_bwd_apply(self, dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor,
                          scale: Tensor, shift: Tensor, mask: Optional[Tensor], mask_mode: int,

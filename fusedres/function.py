@@ -5,7 +5,9 @@ ReLU, the residual add, the projection shortcut's batch norm, stochastic depth) 
 through the fused ops of fusedres.ops. Post-activation blocks (torchvision, timm ResNet):
 
     a_i = relu(bn_i(conv_i(a_{i-1})))   for every conv but the last, a_0 = x
-    out = relu(f_n * bn_k(conv_k(a_{k-1})) + skip),  skip = x | bn_d(conv_d(pool(x)))
+    out = relu(f_n * g[n, c] * bn_k(conv_k(a_{k-1})) + skip),  skip = x | bn_d(conv_d(pool(x)))
+
+with g = 1, or an SE/ECA gate of the pooled bn_k output (fusedres.gate; _gated_backward).
 
 Pre-activation blocks (ResNet v2, timm resnetv2):
 
@@ -28,8 +30,9 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
-from . import distributed, ops, parity
+from . import distributed, ops, parity, reference
 from .antialias import AASpec, aa_backward, aa_forward
+from .gate import GateParams, GateSpec, gate_backward, gate_forward
 from .layout import memory_format
 from .records import BNParams, BNStats, BwdArgs, BwdOut, Norm
 
@@ -69,6 +72,7 @@ class BlockSpec:
     recompute: bool = False
     skip: bool = True          # False: the plain (no-shortcut) form of the block
     aa: Optional[AASpec] = None  # anti-aliasing step after one inner activation (timm's aa)
+    gate: Optional[GateSpec] = None  # SE/ECA gate on the last BN's output (timm's se)
     group: Any = dataclasses.field(default=None, compare=False)  # process group of the BNs with sync
     # {backend: Sites}: the bound epilogues of a plan a module caches (filled by its first
     # call on each backend); None for a plan made for one call
@@ -78,12 +82,14 @@ class BlockSpec:
 class Slots(NamedTuple):
     """Positions in the flat tensor list that FusedResidualBlock.apply takes after
     (spec, x, factor): the k conv weights, then each BN's BNParams (5 fields), then the
-    projection conv's weight and its BN's BNParams, then the anti-aliasing blur filter."""
+    projection conv's weight and its BN's BNParams, then the anti-aliasing blur filter,
+    then the gate's GateParams (4 fields)."""
     w: tuple        # conv i's weight
     bn: tuple       # first position of BN i's BNParams
     wd: int
     bnd: int
     aa: int         # BlockSpec.aa's blur filter (None for an avg pool or no aa)
+    gate: int       # first position of BlockSpec.gate's GateParams (all None without a gate)
     total: int
 
 
@@ -91,8 +97,9 @@ class Slots(NamedTuple):
 def slots(k: int) -> Slots:
     """The Slots of a block with k convs."""
     n = len(BNParams._fields)
+    gate = k + n * k + 2 + n
     return Slots(tuple(range(k)), tuple(k + n * i for i in range(k)), k + n * k,
-                 k + n * k + 1, k + n * k + 1 + n, k + n * k + 2 + n)
+                 k + n * k + 1, k + n * k + 1 + n, gate, gate + len(GateParams._fields))
 
 
 _GAMMA, _BETA = BNParams._fields.index("weight"), BNParams._fields.index("bias")
@@ -115,11 +122,13 @@ class Saved:
     zd: Optional[Tensor] = None    # the projection conv's output (post-activation)
     bn_d: Optional[SavedBN] = None
     xp: Optional[Tensor] = None    # the pooled shortcut input (proj_pool)
+    gate: Optional["SavedGate"] = None
 
     def flat(self) -> list:
         out = [*self.zs, *self.acts, self.mask, self.zd, self.xp]
         for b in (*self.bns, self.bn_d):
             out.extend((*b.stats, b.count) if b is not None else (None,) * 5)
+        out.extend(self.gate if self.gate is not None else (None,) * len(SavedGate._fields))
         return out
 
     @staticmethod
@@ -134,7 +143,24 @@ class Saved:
         for _ in range(k + 1):
             bns.append(SavedBN(BNStats(*t[i:i + 4]), t[i + 4]) if t[i] is not None else None)
             i += 5
-        return Saved(zs, bns[:k], acts, mask, zd, bns[k], xp)
+        gate = SavedGate(*t[i:]) if spec.gate is not None else None
+        return Saved(zs, bns[:k], acts, mask, zd, bns[k], xp, gate)
+
+
+class SavedGate(NamedTuple):
+    """A gated block's share of the saved state: the gate's [N, C] input and output and
+    its parameters (fusedres.gate)."""
+    m: Tensor                      # mean_hw of the last conv's output, statistics dtype
+    g: Tensor                      # the gate, statistics dtype
+    hidden: Tensor                 # gate_forward's hidden (SE: fc1's pre-activation)
+    w1: Optional[Tensor]
+    b1: Optional[Tensor]
+    w2: Optional[Tensor]
+    b2: Optional[Tensor]
+
+    @property
+    def params(self) -> GateParams:
+        return GateParams(self.w1, self.b1, self.w2, self.b2)
 
 
 # --------------------------------------------------------------------------------------
@@ -196,6 +222,33 @@ def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None, sites=None,
     if bound is None:  # (two threads binding at once bind twice: harmless)
         bound = sites.stats[i] = ops.bind_bn_stats(sites.impl, z, upd, bs.momentum, bs.eps)
     return Norm(bound(z), p, bs.eps), None
+
+
+def normalise_pooled(z: Tensor, p: BNParams, bs: BNSpec,
+                     group=None) -> tuple[Norm, Optional[Tensor], Tensor]:
+    """normalise() and m = mean_hw z per (sample, channel), [N, C] in the statistics dtype
+    (a gate's input): from the statistics pass itself in training (bn_stats_pool), by one
+    pooling read in eval (bn_pool) and under synchronised BN (whose statistics pass is
+    bn_moments, which does not pool)."""
+    if bs.batch_stats and not bs.sync:
+        upd = p if bs.update else BNParams(p.weight, p.bias, *_NO_RUNNING)
+        stats, m = ops.run_bn_stats_pool(z, upd, bs.momentum, bs.eps)
+        return Norm(stats, p, bs.eps), None, m
+    norm, count = normalise(z, p, bs, group)
+    return norm, count, ops.run_bn_pool(z)
+
+
+def pooled_bn_output(m: Tensor, norm: Norm) -> Tensor:
+    """mean_hw bn(z) = scale*m + shift, [N, C], from m = mean_hw z: with the batch
+    statistics, or (eval) with the scale and shift the epilogue derives from the running
+    ones (reference.running_stats: the same [C] arithmetic)."""
+    if norm.stats is not None:
+        scale, shift = norm.stats.scale, norm.stats.shift
+    else:
+        p = norm.params
+        _, _, scale, shift = reference.running_stats(p.weight, p.bias, p.running_mean,
+                                                     p.running_var, norm.eps, m.dtype)
+    return m * scale + shift
 
 
 def _bn_relu(z: Tensor, norm: Norm, sites=None, i: int = 0):
@@ -264,10 +317,11 @@ def block_forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors,
     if spec.preact:
         return _forward_preact(spec, x, factor, W, P, tensors[sl.wd], save, sites)
     return _forward_post(spec, x, factor, W, P, tensors[sl.wd],
-                         BNParams(*tensors[sl.bnd:sl.bnd + 5]), tensors[sl.aa], save, sites)
+                         BNParams(*tensors[sl.bnd:sl.bnd + 5]), tensors[sl.aa],
+                         GateParams(*tensors[sl.gate:sl.gate + 4]), save, sites)
 
 
-def _forward_post(spec, x, factor, W, P, wd, pd, filt, save, sites=None):
+def _forward_post(spec, x, factor, W, P, wd, pd, filt, gp, save, sites=None):
     k = len(spec.convs)
     zs, bns, acts = [], [], []
     # Keep conv outputs and activations only when the backward needs them: in inference
@@ -285,8 +339,16 @@ def _forward_post(spec, x, factor, W, P, wd, pd, filt, save, sites=None):
             acts.append(h)
     z = _conv(h, W[k - 1], spec.convs[k - 1])
     del h
-    norm, count = normalise(z, P[k - 1], spec.bns[k - 1], spec.group, sites, k - 1)
+    if spec.gate is None:
+        norm, count = normalise(z, P[k - 1], spec.bns[k - 1], spec.group, sites, k - 1)
+    else:
+        # the gate g [N, C] rides on the epilogue's factor, stochastic depth on top of it
+        norm, count, m = normalise_pooled(z, P[k - 1], spec.bns[k - 1], spec.group)
+        g, hidden = gate_forward(pooled_bn_output(m, norm), spec.gate, gp)
+        factor = g if factor is None else (g * factor.to(g.dtype)[:, None]).contiguous()
     saved = Saved(zs, bns, [] if spec.recompute else acts) if save else None
+    if save and spec.gate is not None:
+        saved.gate = SavedGate(m, g, hidden, *gp)
     if spec.proj is not None:
         xp = _pool(x, spec.proj_pool)
         zd = _conv(xp, wd, spec.proj)
@@ -405,6 +467,14 @@ class _Grads:
                 g = sums[r]
                 self.out[j + field] = g if g.dtype == dt else g.to(dt)
 
+    def need_gate(self) -> GateParams:
+        return GateParams(*(self.needs[self.sl.gate + i] for i in range(len(GateParams._fields))))
+
+    def set_gate(self, g: GateParams):
+        for i, t in enumerate(g):
+            if t is not None and self.needs[self.sl.gate + i]:
+                self.out[self.sl.gate + i] = t
+
 
 class FusedResidualBlock(torch.autograd.Function):
     """``FusedResidualBlock.apply(spec, x, factor, *tensors)``: one residual block.
@@ -465,12 +535,53 @@ def _inner_bn_backward(spec: BlockSpec, grads: _Grads, i: int, dy: Tensor, z: Te
     return out.dz
 
 
+def _gated_backward(spec: BlockSpec, grads: _Grads, dout: Tensor, factor: Optional[Tensor],
+                    saved: Saved) -> BwdOut:
+    """The last BN's backward under a gate, out = relu(f*g*u + skip), u = bn(z),
+    p = mean_hw u, g = gate(p) (gate.py). With delta = dout through the ReLU bits,
+    A = sum_hw delta and B = sum_hw delta*xhat per (n, c), sum_hw delta*u = gamma*B + beta*A,
+    so dg = f*(gamma*B + beta*A); the gate's backward gives dp; u feeds the product and the
+    pool, du = f*g*delta + dp/HW, whose BN sums are sum_n(f*g*A + dp) and
+    sum_n(f*g*B + dp*(m - mean)*rstd). The apply pass then forms dz from du."""
+    z, last, sg = saved.zs[-1], saved.bns[-1], saved.gate
+    st = last.stats
+    proj = spec.proj is not None
+    args = BwdArgs(dout, z, st, saved.mask, 2, None, 2 if proj else int(spec.skip),
+                   saved.zd, saved.bn_d.stats if proj else None, spec.bns[-1].batch_stats,
+                   proj and spec.proj_bn.batch_stats, None)
+    S = ops.run_bn_act_bwd_reduce(args, per_sample=True)  # [2 or 4, N, C]: A, B[, skip rows]
+    A, B = S[0], S[1]
+    f = factor.to(A.dtype)[:, None] if factor is not None else None
+    # gamma and beta from what the forward normalised with (1 and 0 without affine)
+    gamma, beta = st.scale / st.rstd, st.shift + st.mean * st.scale
+    dg = gamma * B + beta * A if f is None else f * (gamma * B + beta * A)
+    fg = sg.g if f is None else sg.g * f
+    p = sg.m * st.scale + st.shift
+    dp, dgate = gate_backward(dg, p, sg.g, sg.hidden, spec.gate, sg.params, grads.need_gate())
+    grads.set_gate(dgate)
+    rows = [(fg * A).sum(0) + dp.sum(0),
+            (fg * B).sum(0) + (dp * ((sg.m - st.mean) * st.rstd)).sum(0)]
+    if proj:
+        rows += [S[2].sum(0), S[3].sum(0)]
+    sums = torch.stack(rows)
+    counts = (last.count, saved.bn_d.count) if proj else (last.count,)
+    means = distributed.mean_sums(sums, counts, z.numel() // max(z.shape[1], 1), spec.group)
+    hw = max(z.shape[2] * z.shape[3], 1)
+    dz, dskip = ops.run_bn_act_bwd_apply(
+        args._replace(factor=fg.contiguous(), du_add=(dp / hw).contiguous()), means)
+    return BwdOut(dz, dskip, sums)
+
+
 def _backward_post(spec, dout, x, factor, W, wd, filt, saved: Saved, grads: _Grads, need_x,
                    sites=None):
     k = len(spec.convs)
     zs, last = saved.zs, saved.bns[-1]
     batch_last = spec.bns[-1].batch_stats
-    if spec.proj is not None:
+    if spec.gate is not None:
+        out = _gated_backward(spec, grads, dout, factor, saved)
+        if spec.proj is not None:
+            grads.set_bn(None, out.sums, row=2)
+    elif spec.proj is not None:
         bn_d = saved.bn_d
         args = BwdArgs(dout, zs[-1], last.stats, saved.mask, 2, factor, 2, saved.zd,
                        bn_d.stats, batch_last, spec.proj_bn.batch_stats, None)

@@ -408,6 +408,9 @@ def _fold_block(block: nn.Module) -> FoldedBlock:
     aa = getattr(block, layout.aa, None) if layout.aa else None
     if aa is not None and not isinstance(aa, nn.Identity):  # fused, but FoldedBlock lacks it
         raise ValueError(f"its anti-aliasing layer {layout.aa} ({type(aa).__name__}) is not folded")
+    gate = getattr(block, layout.gate, None) if layout.gate else None
+    if gate is not None and not isinstance(gate, nn.Identity):  # fused, but FoldedBlock lacks it
+        raise ValueError(f"its attention layer {layout.gate} ({type(gate).__name__}) is not folded")
     convs = [getattr(block, n) for n in layout.convs]
     norms = [getattr(block, n) for n in layout.norms]
     parts = split_downsample(getattr(block, "downsample", None), layout.preact)

@@ -36,6 +36,7 @@ class BlockLayout:
     norm_act: bool = False             # the norms carry the ReLU (timm's BatchNormAct2d)
     aa: Optional[str] = None           # an anti-aliasing layer (timm's aa), nn.Identity if none,
     aa_after: int = 0                  # ... applied to inner activation aa_after (0: the first)
+    gate: Optional[str] = None         # an SE/ECA gate on the last BN's output (timm's se)
 
 
 def _pool_kernel(pool: nn.Module) -> int:

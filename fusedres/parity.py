@@ -76,9 +76,11 @@ def composite_batch_norm(x: Tensor, norm: nn.Module) -> Tensor:
 
 def composite_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                     downsample: Optional[tuple], preact: bool, factor: Optional[Tensor],
-                    skip: bool, process_group=None, aa: Optional[tuple] = None) -> Tensor:
+                    skip: bool, process_group=None, aa: Optional[tuple] = None,
+                    gate: Optional[nn.Module] = None) -> Tensor:
     """What fused_residual_block computes (same arguments), through the plain modules;
-    ``aa`` (i, module): the anti-aliasing module after inner activation i."""
+    ``aa`` (i, module): the anti-aliasing module after inner activation i; ``gate``: the
+    SE/ECA module on the last BN's output."""
     dnorm = downsample[2] if downsample is not None else None
     group = distributed.block_group([*norms, dnorm], process_group)
     if distributed.world_size(group) > 1 and any(getattr(n, "training", False) for n in norms):
@@ -101,6 +103,8 @@ def composite_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Mo
                 h = F.relu(h)
                 if aa is not None and aa[0] == i:
                     h = aa[1](h)
+        if gate is not None:
+            h = gate(h)
     if factor is not None:
         h = h * factor.to(h.dtype).view(-1, 1, 1, 1)
     if downsample is not None:
@@ -251,6 +255,8 @@ def block_backward_batched(ctx, dout: Tensor):
     plain PyTorch from what the forward saved, and differentiated."""
     from .antialias import aa_forward
     from .function import _GAMMA, _BETA, Saved, _conv, _pool, slots
+    from .gate import GateParams, gate_forward
+    gl = ()
     spec = ctx.spec
     _refuse_sync(spec.group)
     k = len(spec.convs)
@@ -287,6 +293,12 @@ def block_backward_batched(ctx, dout: Tensor):
                     h = F.relu(h)
                     if spec.aa is not None and spec.aa.after == i:
                         h = aa_forward(h, spec.aa, filt)
+            if spec.gate is not None:
+                gl = GateParams(*(_leaf(t, needs[sl.gate + i])
+                                  for i, t in enumerate(saved.gate.params)))
+                sdt = saved.gate.m.dtype
+                g = gate_forward(h.to(sdt).mean((2, 3)), spec.gate, gl)[0]
+                h = h * g.to(h.dtype)[:, :, None, None]
         if factor is not None:
             h = h * factor.to(h.dtype).view(-1, 1, 1, 1)
         if spec.proj is not None:
@@ -302,9 +314,11 @@ def block_backward_batched(ctx, dout: Tensor):
         out = h if s is None else h + s.to(h.dtype)
         if not spec.preact:
             out = F.relu(out)
-        leaves = [xl, *Wl, wdl, *(t for a in (*aff, aff_d) for t in a)]
+        leaves = [xl, *Wl, wdl, *(t for a in (*aff, aff_d) for t in a), *gl]
         got = _grads(out, dout, leaves)
-    dx, gW, gwd, gaff = got[0], got[1:k + 1], got[k + 1], got[k + 2:]
+    n_gate = len(gl)
+    dx, gW, gwd = got[0], got[1:k + 1], got[k + 1]
+    gaff, ggate = got[k + 2:len(got) - n_gate], got[len(got) - n_gate:]
     grads = [None] * sl.total
     for i in range(k):
         grads[sl.w[i]] = gW[i]
@@ -313,6 +327,9 @@ def block_backward_batched(ctx, dout: Tensor):
         for field, g in ((_GAMMA, gaff[2 * j]), (_BETA, gaff[2 * j + 1])):
             if g is not None:
                 grads[start + field] = g.to(dtypes[start + field])
+    for i, g in enumerate(ggate):
+        if g is not None:
+            grads[sl.gate + i] = g.to(dtypes[sl.gate + i])
     return (None, dx, None, *grads)
 
 

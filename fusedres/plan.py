@@ -25,11 +25,13 @@ from torch import Tensor, nn
 from . import distributed, parity
 from .antialias import aa_filter, aa_out_hw, read_aa
 from .errors import ShapeError
+from .gate import GateParams, check_gate, gate_params, gate_sources, read_gate
 from .function import BlockSpec, BNSpec, ConvSpec, FusedResidualBlock, block_forward
 from .records import BNParams
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NO_NORM = BNParams(None, None, None, None, None)
+_NO_GATE = GateParams(None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -191,7 +193,8 @@ class BlockPlan:
 def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module],
                params: Sequence[BNParams], specs: Sequence[BNSpec], downsample, preact: bool,
                factor: Optional[Tensor], recompute: bool, cast: Optional[torch.dtype],
-               skip: bool, process_group, aa: Optional[tuple] = None) -> tuple[BlockPlan, list]:
+               skip: bool, process_group, aa: Optional[tuple] = None,
+               gate: Optional[nn.Module] = None) -> tuple[BlockPlan, list]:
     """Check a block call and derive its plan; returns (plan, the flat tensor list)."""
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -202,6 +205,7 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
     specs = sync_specs(list(specs), norms, group)
 
     aa_spec, filt = _read_aa(aa, preact, len(convs))
+    gate_spec, gp = _read_gate(gate, preact)
     c_cur, hw = c, (h, w)
     if preact:
         check_norm("norms[0]", params[0], c, x, x.dtype, specs[0], (n, c, h, w))
@@ -242,13 +246,16 @@ def build_plan(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[nn.Module]
                          "identity shortcut (else pass a downsample)",
                          f"[{c_cur}, {hw[0]}, {hw[1]}]")
     _check_factor(factor, x)
+    if gate_spec is not None:
+        check_gate(gate_spec, gp, c_cur, x.device)
 
     spec = BlockSpec(preact=preact, convs=tuple(ConvSpec.of(cv) for cv in convs),
                      bns=tuple(specs), proj=proj, proj_pool=pool, proj_bn=proj_bn_spec,
-                     recompute=recompute, skip=skip, aa=aa_spec,
+                     recompute=recompute, skip=skip, aa=aa_spec, gate=gate_spec,
                      group=group if any(b.sync for b in (*specs, proj_bn_spec) if b) else None)
     weights = [cv.weight if cast is None else cv.weight.to(cast) for cv in convs]
-    tensors = [*weights, *[t for p in params for t in p], wd, *pd, _cast(filt, cast)]
+    # the gate's tensors uncast: it runs in the statistics dtype, as the BNs do
+    tensors = [*weights, *[t for p in params for t in p], wd, *pd, _cast(filt, cast), *gp]
     grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
         or (factor is not None and factor.requires_grad))
@@ -266,6 +273,15 @@ def _read_aa(aa: Optional[tuple], preact: bool, k: int):
     if not 0 <= after < k - 1:
         raise ValueError(f"aa must follow an inner activation, 0 to {k - 2}, got after={after}")
     return read_aa(module, after)
+
+
+def _read_gate(gate: Optional[nn.Module], preact: bool):
+    """(GateSpec, GateParams) of ``gate``, or (None, no tensors)."""
+    if gate is None:
+        return None, _NO_GATE
+    if preact:
+        raise ValueError("gate (squeeze-excite / ECA) is served in post-activation blocks only")
+    return read_gate(gate)
 
 
 def _check_aa_filter(filt: Optional[Tensor], c: int, x: Tensor, act: torch.dtype, cast: bool):
@@ -322,7 +338,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
                          downsample: Optional[tuple] = None, preact: bool = False,
                          drop_factor: Optional[Tensor] = None, recompute: bool = False,
                          skip: bool = True, process_group=None,
-                         aa: Optional[tuple] = None) -> Tensor:
+                         aa: Optional[tuple] = None,
+                         gate: Optional[nn.Module] = None) -> Tensor:
     """Run one residual block through the fused kernels.
 
     Args:
@@ -347,6 +364,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
         aa: (i, module): an anti-aliasing step after inner activation i of a
             post-activation block (timm's ``aa``: nn.AvgPool2d or BlurPool2d), run in its
             functional form (fusedres.antialias); the next conv then has stride 1.
+        gate: a squeeze-excite or ECA module (timm's SEModule / EcaModule) on the last
+            BN's output, before stochastic depth and the add (fusedres.gate).
 
     Under autocast, x and the conv weights are cast to the autocast dtype here, and batch
     norm keeps its parameters and statistics in their own dtype. Each call checks and
@@ -354,13 +373,14 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     _check_x(x, len(convs), len(norms))
     if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
         return parity.composite_block(x, convs, norms, downsample, preact, drop_factor, skip,
-                                      process_group, aa)
+                                      process_group, aa, gate)
     read = [read_norm(nm) for nm in norms]
     specs, params = [r[0] for r in read], [r[1] for r in read]
     cast = _autocast_dtype(x)
     if cast is None:
         plan, tensors = build_plan(x, convs, norms, params, specs, downsample, preact,
-                                   drop_factor, recompute, None, skip, process_group, aa)
+                                   drop_factor, recompute, None, skip, process_group, aa,
+                                   gate)
         return execute(plan, x, drop_factor, tensors)
     # As eager under autocast: convolutions in the autocast dtype, batch norm in the dtype
     # of its input. A pre-activation block's first BN sees x itself, and its identity
@@ -368,7 +388,8 @@ def fused_residual_block(x: Tensor, convs: Sequence[nn.Conv2d], norms: Sequence[
     with torch.autocast(x.device.type, enabled=False):
         xc = x if preact else x.to(cast)
         plan, tensors = build_plan(xc, convs, norms, params, specs, downsample, preact,
-                                   drop_factor, recompute, cast, skip, process_group, aa)
+                                   drop_factor, recompute, cast, skip, process_group, aa,
+                                   gate)
         return execute(plan, xc, drop_factor, tensors)
 
 
@@ -408,6 +429,8 @@ class _Hit:
     present: tuple          # those that are not None
     attrs: list             # their _ATTRS
     tensors: list           # the flat list execute() takes
+    gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
+    gate_children: tuple = ()        # conv...) whose parameters the list holds
 
     def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
         return ((x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
@@ -418,7 +441,8 @@ class _Hit:
                 and _children(block_mods.get("downsample")) == self.ds_children
                 and list(map(_norm_state, self.norms)) == self.norm_facts
                 and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.held))
-                and list(map(_ATTRS, self.present)) == self.attrs)
+                and list(map(_ATTRS, self.present)) == self.attrs
+                and _children(block_mods.get(self.gate_name)) == self.gate_children)
 
 
 def _children(m) -> tuple:
@@ -429,7 +453,7 @@ def _x_facts(x: Tensor) -> tuple:
     return (x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
 
 
-def _sources(convs, all_norms, parts, aa_mod) -> tuple:
+def _sources(convs, all_norms, parts, aa_mod, gate_mod) -> tuple:
     """(dict, name) of every tensor of the flat list, in Slots order (None: no source)."""
     out = [(cv._parameters, "weight") for cv in convs]
     k = len(convs)
@@ -444,6 +468,8 @@ def _sources(convs, all_norms, parts, aa_mod) -> tuple:
     # (a blur pool's filter buffer; an avg pool has none)
     out.append((aa_mod._buffers, "filt") if aa_mod is not None and aa_filter(aa_mod) is not None
                else None)
+    out.extend(gate_sources(gate_mod) if gate_mod is not None
+               else [None] * len(GateParams._fields))
     return tuple(out)
 
 
@@ -459,11 +485,12 @@ def _norm_sources(nm: nn.Module) -> list:
 _EMPTY: dict = {}
 
 
-def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, tensors) -> Optional[_Hit]:
+def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
+              tensors) -> Optional[_Hit]:
     """The fast check for this call's plan, or None where the flat list is not simply
     what the modules hold (a tensor the plan leaves out, such as an eval BN's
     num_batches_tracked, is read but kept as None)."""
-    sources = _sources(convs, all_norms, parts, aa_mod)
+    sources = _sources(convs, all_norms, parts, aa_mod, gate_mod)
     if len(sources) != len(tensors):
         return None
     held = []
@@ -478,7 +505,8 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, tensors) -> Opt
     present = tuple(t for t in held if t is not None)
     layout = block._fused_layout
     names = tuple(n for n in (*layout.convs, *layout.norms, "downsample",
-                              *((layout.aa,) if layout.aa else ())))
+                              *((layout.aa,) if layout.aa else ()),
+                              *((layout.gate,) if layout.gate else ())))
     mods = block._modules
     return _Hit(_x_facts(x), (torch.is_grad_enabled(), factor is None, block.recompute,
                               distributed.is_initialised()),
@@ -486,7 +514,8 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, tensors) -> Opt
                 tuple(all_norms),
                 list(map(_norm_state, all_norms)), tuple(d for d, _ in srcs),
                 tuple(n for _, n in srcs), tuple(held), present, list(map(_ATTRS, present)),
-                list(tensors))
+                list(tensors), layout.gate if gate_mod is not None else None,
+                _children(gate_mod))
 
 
 #: block module -> its last _Cached plan (weak: a deleted block takes its plan with it).
@@ -515,7 +544,8 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
         return fused_residual_block(x, [mods[n] for n in layout.convs],
                                     [mods[n] for n in layout.norms],
                                     split_downsample(ds, layout.preact), layout.preact,
-                                    factor, block.recompute, aa=_aa_of(block, layout, mods))
+                                    factor, block.recompute, aa=_aa_of(block, layout, mods),
+                                    gate=_gate_of(layout, mods))
     _check_x(x, len(block._fused_layout.convs), len(block._fused_layout.norms))
     if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
         layout = block._fused_layout
@@ -524,7 +554,8 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
         return parity.composite_block(x, [mods[n] for n in layout.convs],
                                       [mods[n] for n in layout.norms],
                                       split_downsample(ds, layout.preact), layout.preact,
-                                      factor, True, None, _aa_of(block, layout, mods))
+                                      factor, True, None, _aa_of(block, layout, mods),
+                                      _gate_of(layout, mods))
     cached = _PLANS.get(block)
     # the repeat call: every fact the plan rests on read the cheap way, the flat tensor
     # list reused as it stands (its tensors are the modules' own, read in place)
@@ -541,6 +572,11 @@ def _aa_of(block, layout, mods):
     return None if aa_mod is None or isinstance(aa_mod, nn.Identity) else (layout.aa_after, aa_mod)
 
 
+def _gate_of(layout, mods):
+    gate = mods.get(layout.gate) if layout.gate else None
+    return None if isinstance(gate, nn.Identity) else gate
+
+
 def _run_slow(block, cached, x, split_downsample, factor):
     """run_module when the fast check fails: the key built in full, the plan rebuilt if
     it changed."""
@@ -550,6 +586,7 @@ def _run_slow(block, cached, x, split_downsample, factor):
     norms = [mods[n] for n in layout.norms]
     ds = mods.get("downsample", block.__dict__.get("downsample"))
     aa = _aa_of(block, layout, mods)
+    gate = _gate_of(layout, mods)
     ds_key = (id(ds), tuple(map(id, ds._modules.values())) if isinstance(ds, nn.Module) else ())
     if cached is not None and cached.ds_key == ds_key:
         parts = cached.parts
@@ -561,6 +598,7 @@ def _run_slow(block, cached, x, split_downsample, factor):
     conv_w = [cv._parameters.get("weight") for cv in convs]
     dw = parts[1]._parameters.get("weight") if parts is not None else None
     filt = aa_filter(aa[1]) if aa is not None else None
+    gp = gate_params(gate) if gate is not None else _NO_GATE
     cast = _autocast_dtype(x)
     key = (x.shape, x.dtype, x.get_device(), x.is_contiguous(),
            x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
@@ -568,30 +606,32 @@ def _run_slow(block, cached, x, split_downsample, factor):
            distributed.is_initialised(), tuple(map(_norm_state, all_norms)),
            tuple(map(_tensor_state, conv_w)), _tensor_state(dw),
            tuple(_tensor_state(t) for raw in raws for t in raw),
-           id(aa[1]) if aa is not None else None, _tensor_state(filt))  # the plan holds its AASpec
+           id(aa[1]) if aa is not None else None, _tensor_state(filt),  # the plan holds its AASpec
+           id(gate), tuple(map(id, _children(gate))),  # ... and its GateSpec
+           tuple(map(_tensor_state, gp)))
     if cached is not None and cached.key != key:
         cached = None
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _run_cached(block, cached, ds_key, parts, key,
                                x if layout.preact else x.to(cast), convs, norms, raws, conv_w,
-                               dw, factor, None, cast, aa, filt)
+                               dw, factor, None, cast, aa, filt, gate, gp)
     return _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw,
-                       factor, all_norms, None, aa, filt)
+                       factor, all_norms, None, aa, filt, gate, gp)
 
 
 def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w, dw, factor,
-                all_norms, cast, aa, filt):
+                all_norms, cast, aa, filt, gate, gp):
     layout = block._fused_layout
     k = len(convs)
     if cached is None:
         specs = [norm_spec(nm, raw) for nm, raw in zip(norms, raws)]
         params = [params_for(raw, sp) for raw, sp in zip(raws, specs)]
         plan, tensors = build_plan(x, convs, norms, params, specs, parts, layout.preact,
-                                   factor, block.recompute, cast, True, None, aa)
+                                   factor, block.recompute, cast, True, None, aa, gate)
         plan = dataclasses.replace(plan, spec=dataclasses.replace(plan.spec, sites={}))
         _PLANS[block] = _Cached(ds_key, parts, key, plan, _hit_for(
-            block, x, factor, convs, all_norms, parts, aa, cast, tensors))
+            block, x, factor, convs, all_norms, parts, aa, gate, cast, tensors))
         return execute(plan, x, factor, tensors)
     _check_factor(factor, x)
     spec = cached.plan.spec
@@ -607,14 +647,16 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
     else:
         tensors.extend(_NO_NORM)
     tensors.append(_cast(filt, cast))
+    tensors.extend(gp)
     if cached.hit is None and cast is None:  # (a plan built under autocast, reused without)
         _PLANS[block] = dataclasses.replace(cached, hit=_hit_for(
-            block, x, factor, convs, all_norms, parts, aa, cast, tensors))
+            block, x, factor, convs, all_norms, parts, aa, gate, cast, tensors))
     return execute(cached.plan, x, factor, tensors)
 
 
-def _hit_for(block, x, factor, convs, all_norms, parts, aa, cast, tensors) -> Optional[_Hit]:
+def _hit_for(block, x, factor, convs, all_norms, parts, aa, gate, cast,
+             tensors) -> Optional[_Hit]:
     if cast is not None or all_norms is None:  # autocast casts the weights every call
         return None
     return _make_hit(block, x, factor, convs, all_norms, parts,
-                     aa[1] if aa is not None else None, tensors)
+                     aa[1] if aa is not None else None, gate, tensors)

@@ -37,7 +37,8 @@ def _acc(t: Tensor) -> Tensor:
 def _branch_factor(factor: Tensor, dtype: torch.dtype) -> Tensor:
     """The branch factor, [N] (per sample) or [N, C] (per sample and channel: a gate),
     as an [N, 1 or C, 1, 1] multiplier."""
-    return factor.to(dtype).reshape(factor.shape[0], -1, 1, 1)
+    C = factor.shape[1] if factor.dim() == 2 else 1  # (not -1: N may be 0)
+    return factor.to(dtype).reshape(factor.shape[0], C, 1, 1)
 
 
 def pack_relu_mask(keep: Tensor) -> Tensor:

@@ -147,3 +147,36 @@ def _shape_probe(block, x):
         y = block(x)
         block.load_state_dict(state)
     return y
+
+
+def assert_compiles_like_eager(eager, x):
+    """torch.compile(fullgraph=True, backend="aot_eager") of a copy of ``eager`` against
+    ``eager`` itself: train-mode output, every parameter gradient, eval output (fp32
+    tolerances: the same kernels, traced)."""
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    outs = []
+    for m in (compiled, eager):
+        outs.append(m(x))
+        outs[-1].square().mean().backward()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    for (name, pc), pe in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5 * pe.grad.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}.grad: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def assert_jvp_and_vmap_match(block, ref_block, x):
+    """Forward AD (torch.func.jvp) and vmap of a fused block in eval mode against its plain
+    twin, fp64 at 1e-9; returns the plain block's output."""
+    t = torch.randn_like(x)
+    ref_block.eval(), block.eval()
+    y_r, dy_r = torch.func.jvp(ref_block, (x,), (t,))
+    y_f, dy_f = torch.func.jvp(block, (x,), (t,))
+    torch.testing.assert_close(y_f, y_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dy_f, dy_r, rtol=1e-9, atol=1e-9)
+    xs = torch.randn(3, *x.shape, dtype=x.dtype)
+    torch.testing.assert_close(torch.func.vmap(block)(xs), torch.func.vmap(ref_block)(xs),
+                               rtol=1e-9, atol=1e-9)
+    return y_r

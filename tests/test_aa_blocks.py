@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 import fusedres
-from checks import assert_low_precision
+from checks import assert_compiles_like_eager, assert_jvp_and_vmap_match
 from fusedres.antialias import aa_backward, aa_forward, aa_out_hw, read_aa
 from fusedres.convert import why_not_fused
-from test_convert import assert_close64, assert_state_close, assert_trains_like, convert_quietly, randomize
+from test_convert import (assert_bf16_outputs, assert_close64, assert_one_step_close,
+                          assert_trains_like, convert_quietly, randomize)
 
 timm = pytest.importorskip("timm")
 from timm.layers import BlurPool2d  # noqa: E402
@@ -113,14 +114,7 @@ def test_aa_model_bf16_outputs():
     """bf16 (tests/checks.py's rule): the fused error against fp64 at most twice
     PyTorch's own bf16 error plus one ulp, in training and in eval."""
     original = build("resnetblur18")
-    fused = convert_quietly(copy.deepcopy(original)).bfloat16()
-    own, exact = copy.deepcopy(original).bfloat16(), copy.deepcopy(original).double()
-    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
-    for mode in ("train", "eval"):
-        with torch.no_grad():
-            outs = [getattr(m, mode)()(x.to(next(m.parameters()).dtype))
-                    for m in (fused, own, exact)]
-        assert_low_precision(*outs, torch.bfloat16, name=f"bf16 {mode} output")
+    assert_bf16_outputs(original, 48)
 
 
 def test_aa_model_channels_last():
@@ -130,12 +124,7 @@ def test_aa_model_channels_last():
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     fused, original = (m.to(memory_format=torch.channels_last) for m in (fused, original))
     x = x.contiguous(memory_format=torch.channels_last)
-    outs = [m.train()(x) for m in (fused, original)]
-    assert_close64("train output", *outs)
-    for out in outs:
-        out.square().mean().backward()
-    assert_state_close("grad", fused, original, grads=True)
-    assert_state_close("after the step", fused, original)
+    assert_one_step_close(fused, original, x)
 
 
 def test_backward_keeps_the_post_aa_activation_only():
@@ -169,19 +158,8 @@ def test_compiled_aa_model_matches_eager():
     torch._dynamo.reset()
     counters.clear()
     eager = convert_quietly(build("resnetblur18"))
-    model = copy.deepcopy(eager)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
-    outs = []
-    for m in (compiled, eager):
-        outs.append(m(x))
-        outs[-1].square().mean().backward()
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    for (name, pc), pe in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5 * pe.grad.abs().max().item(),
-                                   msg=lambda m, n=name: f"{n}.grad: {m}")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
+    assert_compiles_like_eager(eager, torch.randn(2, 3, 48, 48,
+                                                  generator=torch.Generator().manual_seed(4)))
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
@@ -203,13 +181,5 @@ def test_forward_ad_and_vmap_take_the_aa_step(name):
     ref = build(name).double()
     fused = fusedres.convert(copy.deepcopy(ref))
     block, ref_block = aa_blocks(fused)[0], aa_blocks(ref)[0]
-    x = torch.randn(2, block.conv1.in_channels, 8, 8, dtype=torch.float64)
-    t = torch.randn_like(x)
-    ref_block.eval(), block.eval()
-    y_r, dy_r = torch.func.jvp(ref_block, (x,), (t,))
-    y_f, dy_f = torch.func.jvp(block, (x,), (t,))
-    torch.testing.assert_close(y_f, y_r, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(dy_f, dy_r, rtol=1e-9, atol=1e-9)
-    xs = torch.randn(3, *x.shape, dtype=torch.float64)
-    torch.testing.assert_close(torch.func.vmap(block)(xs), torch.func.vmap(ref_block)(xs),
-                               rtol=1e-9, atol=1e-9)
+    assert_jvp_and_vmap_match(block, ref_block,
+                              torch.randn(2, block.conv1.in_channels, 8, 8, dtype=torch.float64))

@@ -197,6 +197,32 @@ def assert_trains_like(fused32: nn.Module, original: nn.Module, size: int):
         assert_close64("eval output", fused.eval()(x), ref.eval()(x))
 
 
+def assert_one_step_close(fused: nn.Module, original: nn.Module, x: torch.Tensor):
+    """Two float64 models in training mode: the output, every gradient of one backward of
+    the mean square, then parameters and buffers (running statistics included)."""
+    outs = [m.train()(x) for m in (fused, original)]
+    assert_close64("train output", *outs)
+    for out in outs:
+        out.square().mean().backward()
+    assert_state_close("grad", fused, original, grads=True)
+    assert_state_close("after the step", fused, original)
+
+
+def assert_bf16_outputs(original: nn.Module, size: int):
+    """bf16 (tests/checks.py's rule): a converted bf16 copy of ``original`` against fp64, at
+    most twice PyTorch's own bf16 error plus one ulp, in training and in eval, on
+    2x3 x size x size (test_aa_blocks and test_gate_blocks use it)."""
+    from checks import assert_low_precision
+    fused = convert_quietly(copy.deepcopy(original)).bfloat16()
+    own, exact = copy.deepcopy(original).bfloat16(), copy.deepcopy(original).double()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    for mode in ("train", "eval"):
+        with torch.no_grad():
+            outs = [getattr(m, mode)()(x.to(next(m.parameters()).dtype))
+                    for m in (fused, own, exact)]
+        assert_low_precision(*outs, torch.bfloat16, name=f"bf16 {mode} output")
+
+
 # --------------------------------------------------------------------------------------
 # What convert does to a model
 # --------------------------------------------------------------------------------------
@@ -329,10 +355,16 @@ def test_frozen_batch_norm_blocks_convert():
 @pytest.mark.parametrize("name", ["resnet18", "resnetv2_18"])
 def test_drop_path_matches_timm(name):
     torch.manual_seed(0)
-    original = randomize(timm.create_model(name, layers=ONE, drop_path_rate=0.3)).double()
+    assert_drop_path_matches(timm.create_model(name, layers=ONE, drop_path_rate=0.3), 64)
+
+
+def assert_drop_path_matches(model: nn.Module, size: int):
+    """A timm model built with drop_path_rate=0.3 and its conversion, one fp64 step on
+    4x3 x size x size with the same RNG state (test_gate_blocks uses it)."""
+    original = randomize(model).double()
     fused = convert_quietly(copy.deepcopy(original))
     assert len(fusedres.fused_blocks(fused)) == 4
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
     outs = []
     for m in (fused, original):
         m.train()
@@ -363,8 +395,10 @@ def _convert_warns(model):
 
 
 @pytest.mark.parametrize("name, kwargs, reason", [
-    ("seresnet18", {}, "attention layer se (SEModule)"),
-    ("ecaresnet26t", {}, "attention layer se (EcaModule)"),
+    # SEModule and EcaModule are served (test_gate_blocks.py), other attention layers not
+    ("resnet18", {"block_args": {"attn_layer": "ese"}},
+     "attention layer se (EffectiveSEModule) is neither timm's SEModule nor its EcaModule"),
+    ("resnet18", {"block_args": {"attn_layer": "ceca"}}, "attention layer se (CecaModule)"),
     ("resnet18", {"act_layer": nn.SiLU}, "act1 is SiLU, not ReLU"),
     # nn.AvgPool2d and BlurPool2d itself are served (test_aa_blocks.py), a subclass is not
     ("resnet18", {"aa_layer": type("OwnBlurPool2d", (timm.layers.BlurPool2d,), {})},

@@ -902,13 +902,31 @@ def test_gate_factor_and_du_add(request, device, dtype, cl, skip_mode):
                 check(f"{name} {what}[{i}]", a, e)
 
 
-def test_gate_pooling_not_in_csrc(ops):
-    """What csrc_ref does not implement says so, naming the argument."""
-    x = torch.randn(2, 4, 3, 3)
-    with pytest.raises(NotImplementedError, match="bn_stats_pool"):
-        ops.bn_stats_pool(x, None, None, None, None, None, 0.1, 1e-5)
-    with pytest.raises(NotImplementedError, match="bn_pool"):
-        ops.bn_pool(x)
-    st = R.bn_stats(x, None, None, None, None, None, 0.1, 1e-5)
-    with pytest.raises(NotImplementedError, match="per_sample"):
-        ops.bn_act_bwd_reduce(x, x, *st, None, 0, None, 0, None, None, None, True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_gate_pooling_and_per_sample_sums(request, device, dtype, cl):
+    """bn_stats_pool (bn_stats's statistics and update, and the pooled means), bn_pool, and
+    the per-sample backward sums, against the reference."""
+    ops, cuda_ops = _device_ops(request, device)
+    gen = torch.Generator().manual_seed(11)
+    shape = SHAPES[1]
+    x = make(shape, dtype, cl, device, 2.0, 0.5, gen=gen)
+    C = shape[1]
+    head = _gate_bwd_head(shape, dtype, cl, device, 2, gen)
+    for name, mod in impls(device, ops, cuda_ops):
+        outs = []
+        for fn in (mod.bn_stats_pool, R.bn_stats_pool):
+            rm = torch.linspace(-1, 1, C, device=device)
+            rv, nbt = torch.ones(C, device=device), torch.tensor(2, device=device)
+            outs.append((*fn(x, None, None, rm, rv, nbt, None, 1e-5), rm, rv, nbt))
+        (st, m, rm, rv, nbt), (st_r, m_r, rm_r, rv_r, nbt_r) = outs
+        check(f"{name} stats", st, st_r)
+        check(f"{name} running_mean", rm, rm_r)
+        check(f"{name} running_var", rv, rv_r)
+        assert nbt.item() == nbt_r.item() == 3
+        # the pooled means are in the statistics dtype: one fp32 sum, compared in fp32
+        check(f"{name} pooled", m, m_r)
+        check(f"{name} bn_pool", mod.bn_pool(x), m_r)
+        check(f"{name} per-sample sums", mod.bn_act_bwd_reduce(*head, True),
+              R.bn_act_bwd_reduce(*head, True))

@@ -139,6 +139,20 @@ BLOCKS = [  # (kind, c_in, planes, stride, channels_last, backward all_reduces)
 ]
 
 
+def assert_rank_state(ref, fus, name):
+    """This rank's parameter gradients, summed over the ranks, against the whole batch's
+    (each rank's are its own: DDP reduces them), and the buffers (test_gate_blocks uses it)."""
+    for n, pr, pf in _pairs(ref, fus, "named_parameters"):
+        grad = pf.grad.clone()
+        dist.all_reduce(grad)
+        _close(grad, pr.grad, f"{name} {n}.grad summed over ranks")
+    for n, br, bf in _pairs(ref, fus, "named_buffers"):
+        if br.dtype == torch.long:
+            assert torch.equal(br, bf), (name, n)
+        else:
+            _close(bf, br, f"{name} {n}")
+
+
 def _block_worker(rank, world, sizes, convert_first, backend=None):
     """One block per kind: the fused synchronised block on this rank's slice against the
     plain block on the whole batch (every rank computes the reference itself)."""
@@ -189,16 +203,7 @@ def _block_cases(rank, world, sizes, convert_first):
         _close(xf.grad, xr.grad[lo:hi], f"{name} x.grad")
         if cl and hi > lo:  # (an empty tensor is contiguous both ways; PyTorch's too)
             assert y.is_contiguous(memory_format=torch.channels_last)
-        # parameter gradients are each rank's own (DDP reduces them): their sum is the whole's
-        for n, pr, pf in _pairs(ref, fus, "named_parameters"):
-            grad = pf.grad.clone()
-            dist.all_reduce(grad)
-            _close(grad, pr.grad, f"{name} {n}.grad summed over ranks")
-        for n, br, bf in _pairs(ref, fus, "named_buffers"):
-            if br.dtype == torch.long:
-                assert torch.equal(br, bf), (name, n)
-            else:
-                _close(bf, br, f"{name} {n}")
+        assert_rank_state(ref, fus, name)
 
         # eval mode: the running statistics, no collective
         fus.eval(), ref.eval()
@@ -396,6 +401,44 @@ def test_sync_block_on_csrc_ref():
 
 def test_sync_functional_process_group_and_one_rank_group():
     run_ranks(_functional_worker, 2)
+
+
+def _sync_gate_worker(rank, world, sizes):
+    """timm blocks with a squeeze-excite / ECA gate and nn.SyncBatchNorm, converted, on
+    this rank's slice against the plain block on the whole batch: the gate pools per
+    sample (bn_pool: the moments pass does not pool), the last BN's backward sums, the
+    gate's share included, go over the ranks."""
+    from timm.layers import EcaModule, SEModule
+    from timm.models.resnet import BasicBlock, Bottleneck
+    from test_convert import randomize
+    torch.set_default_dtype(torch.float64)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    cases = {"basic+se, projection": lambda: BasicBlock(
+                 6, 8, stride=2, attn_layer=SEModule, downsample=nn.Sequential(
+                     nn.Conv2d(6, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))),
+             "bottleneck+eca, identity": lambda: Bottleneck(16, 4, attn_layer=EcaModule)}
+    for name, make in cases.items():
+        torch.manual_seed(7)
+        ref = randomize(make())
+        fus = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)))
+        assert fusedres.fused_blocks(fus) == [""], name
+        x = torch.randn(sum(sizes), ref.conv1.in_channels, 9, 8)
+        xr = x.clone().requires_grad_()
+        out = ref(xr)
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        xf = x[lo:hi].clone().requires_grad_()
+        y = fus(xf)
+        (y * g[lo:hi]).sum().backward()
+        what = f"{name}, rank {rank}"
+        _close(y, out[lo:hi], f"{what} output")
+        _close(xf.grad, xr.grad[lo:hi], f"{what} x.grad")
+        assert_rank_state(ref, fus, what)
+
+
+def test_sync_gated_blocks_match_whole_batch():
+    pytest.importorskip("timm")
+    run_ranks(_sync_gate_worker, 2, (3, 1))
 
 
 def test_sync_block_under_torch_compile():

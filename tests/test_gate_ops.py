@@ -160,10 +160,24 @@ def test_reference_per_sample_reduce(skip_mode):
     torch.testing.assert_close(per[1], (g_b * xhat).sum((2, 3)), rtol=1e-12, atol=1e-12)
 
 
+def _host_impl(name):
+    """fusedres.reference, or csrc_ref's CPU build (skipped where it cannot be built)."""
+    if name == "reference":
+        return R
+    from fusedres import csrc
+    try:
+        return csrc.load(torch.device("cpu"))
+    except RuntimeError as e:
+        pytest.skip(f"cannot build csrc_ref: {e}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "csrc_ref"])
 @pytest.mark.parametrize("kind", ["se", "eca"])
 @pytest.mark.parametrize("stochastic_depth", [False, True])
-def test_reference_gated_bn_backward(kind, stochastic_depth):
-    """The gate API's backward over the reference primitives = autograd of the formula."""
+def test_reference_gated_bn_backward(impl, kind, stochastic_depth):
+    """The gate API's backward over the reference's (and csrc_ref's) primitives = autograd
+    of the formula."""
+    impl = _host_impl(impl)
     torch.manual_seed(0)
     N, C, H, W = 3, 6, 3, 2
     gate, gparams = _gate_case(kind, C, torch.float64)
@@ -173,7 +187,7 @@ def test_reference_gated_bn_backward(kind, stochastic_depth):
     bias = _rand((C,), torch.float64)
     f = torch.tensor([2.0, 0.0, 2.0], dtype=torch.float64) if stochastic_depth else None
     leaves = [t.requires_grad_(True) for t in (z, skip, weight, bias, *gparams)]
-    y = GatedBN.apply(R, gate, f, *leaves[:4], *leaves[4:])
+    y = GatedBN.apply(impl, gate, f, *leaves[:4], *leaves[4:])
     y_ref = gated_bn_plain(gate, f, *leaves[:4], *leaves[4:])
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = _rand(y.shape, torch.float64)

@@ -16,6 +16,22 @@ writes dz (and dzd or dskip). The ReLU mask is recomputed from z and the saved s
 (inner BN+ReLU) or read from the forward's packed bits (after a residual add), so no
 activation is saved for the backward. Synchronised batch norm calls the two halves itself,
 with an all-reduce of the sums between.
+
+The factor is f_n ([N], stochastic depth) or f_nc ([N, C], FACTOR_PER_CHANNEL). A squeeze-
+excite / ECA gated block (gate_api.md) has out = relu(f_n*g_nc*u + skip) with u = z*scale +
+shift and g = sigma(gate(p)), p_nc = mean_hw u = scale*m_nc + shift (m = mean_hw z). With
+delta = dy through the ReLU and A_nc = sum_hw delta, B_nc = sum_hw delta*xhat (the reduce
+with PER_SAMPLE and no factor):
+
+    dL/dg_nc = f_n * sum_hw delta*u = f_n*(gamma*B + beta*A)      (u = gamma*xhat + beta)
+    du       = f_n*g_nc*delta + dp_nc/HW      (u feeds the product and the pool: p = mean_hw u)
+    dbeta    = sum du      = sum_n (f*g*A + dp)
+    dgamma   = sum du*xhat = sum_n (f*g*B + dp*(m - mean)*rstd)     (mean_hw xhat)
+    dz       = scale * (du - dbeta/M - xhat * dgamma/M)
+
+so the apply kernel is the one above with g_b = f*g*delta plus du_add = dp/HW (HAS_DU_ADD),
+and mean_sums = (dbeta, dgamma)/M, which the block computes on [N, C] (all-reduced first
+under synchronised batch norm). The skip's gradient is delta, as without a gate.
 """
 from __future__ import annotations
 
