@@ -74,8 +74,8 @@ class BlockSpec:
     aa: Optional[AASpec] = None  # anti-aliasing step after one inner activation (timm's aa)
     gate: Optional[GateSpec] = None  # SE/ECA gate on the last BN's output (timm's se)
     group: Any = dataclasses.field(default=None, compare=False)  # process group of the BNs with sync
-    # {backend: Sites}: the bound epilogues of a plan a module caches (filled by its first
-    # call on each backend); None for a plan made for one call
+    # {(backend, keep_stats): Sites}: the bound launches of a plan a module caches (filled
+    # by its first call on each backend); None for a plan made for one call
     sites: Optional[dict] = dataclasses.field(default=None, compare=False)
 
 
@@ -218,9 +218,8 @@ def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None, sites=None,
         return Norm(stats, p, bs.eps), distributed.global_count(gathered)
     if sites is None:
         return Norm(ops.run_bn_stats(z, upd, bs.momentum, bs.eps), p, bs.eps), None
-    bound = sites.stats.get(i)
-    if bound is None:  # (two threads binding at once bind twice: harmless)
-        bound = sites.stats[i] = ops.bind_bn_stats(sites.impl, z, upd, bs.momentum, bs.eps)
+    bound = _bound(sites.stats, i,
+                   lambda: ops.bind_bn_stats(sites.impl, z, upd, bs.momentum, bs.eps))
     return Norm(bound(z), p, bs.eps), None
 
 
@@ -252,7 +251,7 @@ def pooled_bn_output(m: Tensor, norm: Norm) -> Tensor:
 
 
 def _bn_relu(z: Tensor, norm: Norm, sites=None, i: int = 0):
-    """(relu(bn(z)), the BNStats it used)."""
+    """(relu(bn(z)), the BNStats it used: None from a binding that keeps no statistics)."""
     out = _epilogue(sites, i, z, norm, None, None, None, True, False)
     return out.y, out.stats
 
@@ -268,15 +267,22 @@ class Sites(NamedTuple):
     bwd: dict
 
 
+def _bound(table: dict, i: int, bind):
+    """Call site i's binding in ``table``, made by ``bind()`` the first time (two threads
+    binding at once bind twice: harmless)."""
+    b = table.get(i)
+    if b is None:
+        b = table[i] = bind()
+    return b
+
+
 def _epilogue(sites: Optional[Sites], i: int, z: Tensor, norm: Norm, skip, skip_norm,
               factor, relu: bool, write_mask: bool):
     """ops.run_bn_act_fwd, through call site i's binding where the plan keeps them."""
     if sites is None:
         return ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
-    bound = sites.fwd.get(i)
-    if bound is None:  # (two threads binding at once bind twice: harmless)
-        bound = sites.fwd[i] = ops.bind_bn_act_fwd(sites.impl, z, norm, skip, skip_norm,
-                                                   factor, relu, write_mask, sites.keep_stats)
+    bound = _bound(sites.fwd, i, lambda: ops.bind_bn_act_fwd(
+        sites.impl, z, norm, skip, skip_norm, factor, relu, write_mask, sites.keep_stats))
     return bound(z, norm, skip, skip_norm, factor)
 
 
@@ -295,15 +301,16 @@ def _stats_norm(stats: BNStats) -> Norm:
 
 
 def _sites(spec: BlockSpec, x: Tensor, keep_stats: bool) -> Optional[Sites]:
-    """The spec's bound epilogues for the backend x runs on (None: call the ops unbound)."""
+    """The spec's bound launches for the backend x runs on and ``keep_stats`` (None: call
+    the ops unbound)."""
     if spec.sites is None:
         return None
     impl = ops.backend_of(x)
     if impl is None:  # torch.compile traces: nothing is bound
         return None
-    sites = spec.sites.get(impl)
+    sites = spec.sites.get((impl, keep_stats))
     if sites is None:
-        sites = spec.sites[impl] = Sites(impl, {}, keep_stats, {}, {})
+        sites = spec.sites[(impl, keep_stats)] = Sites(impl, {}, keep_stats, {}, {})
     return sites
 
 
@@ -415,10 +422,7 @@ def bn_backward(group, counts, args: BwdArgs, need_sums: bool, sites: Optional[S
     if all(c is None for c in counts):
         if sites is None:
             return ops.run_bn_act_bwd(args, need_sums)
-        bound = sites.bwd.get(i)
-        if bound is None:  # (two threads binding at once bind twice: harmless)
-            bound = sites.bwd[i] = ops.bind_bn_act_bwd(sites.impl, args, need_sums)
-        return bound(args)
+        return _bound(sites.bwd, i, lambda: ops.bind_bn_act_bwd(sites.impl, args, need_sums))(args)
     sums = ops.run_bn_act_bwd_reduce(args)
     z = args.z
     means = distributed.mean_sums(sums, counts, z.numel() // max(z.shape[1], 1), group)
@@ -510,6 +514,11 @@ class FusedResidualBlock(torch.autograd.Function):
         if spec.preact:
             dx = _backward_preact(spec, dout, x, factor, W, wd, saved, grads, need_x, sites)
         else:
+            # dout in the last conv output's layout and dtype, once: the backward's passes
+            # read it as z (a sum's expanded gradient would be copied by each of them)
+            z = saved.zs[-1]
+            if dout.dtype != z.dtype or not dout.is_contiguous(memory_format=memory_format(z)):
+                dout = dout.to(z.dtype).contiguous(memory_format=memory_format(z))
             dx = _backward_post(spec, dout, x, factor, W, wd, filt, saved, grads, need_x,
                                 sites)
         return (None, dx, None, *grads.out)

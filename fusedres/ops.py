@@ -284,6 +284,12 @@ def backend_of(t: Tensor):
     return _backend(t.device)
 
 
+def _in_own_layout(t: Tensor) -> bool:
+    """``t`` dense in the layout the kernels read it in (a binding is made only for such a
+    tensor, and ``fits`` then holds calls to its strides)."""
+    return t.is_contiguous(memory_format=memory_format(t))
+
+
 def bind_bn_stats(impl, x: Tensor, p: BNParams, momentum: Optional[float], eps: float):
     """run_bn_stats for one call site of a cached block plan, on backend ``impl``, bound
     once: ``stats(x) -> BNStats`` (the triton backend binds its launch,
@@ -292,7 +298,7 @@ def bind_bn_stats(impl, x: Tensor, p: BNParams, momentum: Optional[float], eps: 
         return run_bn_stats(x, p, momentum, eps)
 
     bound_cls = getattr(impl, "BoundStats", None)
-    if bound_cls is None or x.numel() == 0:
+    if bound_cls is None or x.numel() == 0 or not _in_own_layout(x):
         return run
     bound = bound_cls(x, *p, momentum, eps)
 
@@ -315,16 +321,20 @@ def bind_bn_act_fwd(impl, z: Tensor, norm: Norm, skip: Optional[Tensor],
         return run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
 
     bound_cls = getattr(impl, "BoundFwd", None)
-    if bound_cls is None or z.numel() == 0:
+    if bound_cls is None or z.numel() == 0 or not _in_own_layout(z):
         return run
     bound = bound_cls(z, *_flat_norm(norm), skip, *_flat_norm(skip_norm),
                       skip_norm is not None, factor, relu, write_mask, keep_stats)
+    # the statistics' kind (batch or running) is part of the binding
+    running = norm.stats is None
+    skip_running = skip_norm is not None and skip_norm.stats is None
 
     def fwd(z, norm, skip, skip_norm, factor):
-        if not bound.fits(z, factor):
-            return run(z, norm, skip, skip_norm, factor)
         st = norm.stats
         st_d = skip_norm.stats if skip_norm is not None else None
+        if (not bound.fits(z, factor) or (st is None) != running
+                or (skip_norm is not None and (st_d is None) != skip_running)):
+            return run(z, norm, skip, skip_norm, factor)
         y, mask, s, s_d = bound(z, None if st is None else st.scale,
                                 None if st is None else st.shift, skip,
                                 None if st_d is None else st_d.scale,
@@ -366,9 +376,9 @@ def bind_bn_act_bwd(impl, a: BwdArgs, need_sums: bool):
         return run_bn_act_bwd(a, need_sums)
 
     bound_cls = getattr(impl, "BoundBwd", None)
-    if bound_cls is None or a.du_add is not None:
+    if bound_cls is None or a.du_add is not None or not _in_own_layout(a.z):
         return run
-    bound = bound_cls(a.dy, a.z, a.mask_mode, a.factor, a.skip_mode, a.zd, a.batch_stats,
+    bound = bound_cls(a.z, a.mask_mode, a.factor, a.skip_mode, a.zd, a.batch_stats,
                       a.batch_stats_d, need_sums, a.dz_add)
 
     def bwd(a):
@@ -379,7 +389,9 @@ def bind_bn_act_bwd(impl, a: BwdArgs, need_sums: bool):
                                 a.factor, a.zd, None if sd is None else sd.mean,
                                 None if sd is None else sd.rstd,
                                 None if sd is None else sd.scale, a.dz_add)
-        return BwdOut(dz, dskip, sums)
+        z = a.z  # (BwdOut's contract: empty tensors, not None, for what was not made)
+        return BwdOut(dz, dskip if dskip is not None else z.new_empty(0),
+                      sums if sums is not None else z.new_empty((0,), dtype=stats_dtype(z)))
     return bwd
 
 

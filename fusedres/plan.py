@@ -403,7 +403,8 @@ class _Cached:
     parts: Optional[tuple]  # split_downsample of it
     key: tuple              # everything else the plan depends on (see run_module)
     plan: BlockPlan
-    hit: Optional["_Hit"] = None  # the fast check of a repeat call (no autocast only)
+    hit: Optional["_Hit"] = None  # the fast check of a repeat call, made with the plan
+    #                               (None under autocast, or where the list is not the modules')
 
 
 _ATTRS = operator.attrgetter("dtype", "device", "requires_grad")
@@ -648,15 +649,12 @@ def _run_cached(block, cached, ds_key, parts, key, x, convs, norms, raws, conv_w
         tensors.extend(_NO_NORM)
     tensors.append(_cast(filt, cast))
     tensors.extend(gp)
-    if cached.hit is None and cast is None:  # (a plan built under autocast, reused without)
-        _PLANS[block] = dataclasses.replace(cached, hit=_hit_for(
-            block, x, factor, convs, all_norms, parts, aa, gate, cast, tensors))
     return execute(cached.plan, x, factor, tensors)
 
 
 def _hit_for(block, x, factor, convs, all_norms, parts, aa, gate, cast,
              tensors) -> Optional[_Hit]:
-    if cast is not None or all_norms is None:  # autocast casts the weights every call
+    if cast is not None:  # autocast casts the weights every call: no list to reuse
         return None
     return _make_hit(block, x, factor, convs, all_norms, parts,
                      aa[1] if aa is not None else None, gate, tensors)

@@ -64,10 +64,11 @@ class Norm(NamedTuple):
 
 
 class ActOut(NamedTuple):
-    """What bn_act_fwd returns."""
+    """What bn_act_fwd returns (a cached plan's bound epilogue, ops.bind_bn_act_fwd, gives
+    None where this says empty, and stats None when bound without keep_stats)."""
     y: Tensor                      # act(f_n*(z*scale + shift) + skip), z's dtype and layout
-    mask: Tensor                   # packed ReLU bits (layout.mask_shape), empty uint8 if not asked
-    stats: BNStats                 # the statistics used: Norm.stats, or those derived in eval
+    mask: Optional[Tensor]         # packed ReLU bits (layout.mask_shape), empty uint8 if not asked
+    stats: Optional[BNStats]       # the statistics used: Norm.stats, or those derived in eval
     skip_stats: Optional[BNStats]  # the same for skip_norm (None without one)
 
 

@@ -269,23 +269,32 @@ def test_bound_epilogues_are_reused_and_follow_the_modules(name, monkeypatch):
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
 def test_bindings_keep_no_activation_alive():
     # A plan keeps its bindings for good: they must hold the modules' tensors and small
-    # stand-ins only, never a call's activations (z, y, the skip, the batch statistics).
+    # stand-ins only, never a call's activations (z, y, the skip, dy, the statistics).
     import gc
     import weakref
+    from fusedres.kernels import backward, epilogue, stats
     ref, fused = _pair("bottleneck_proj", "cpu")
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
     seen = []
-    from fusedres.kernels import epilogue
-    real = epilogue.BoundFwd.__call__
 
-    def spy(self, z, *rest):
-        seen.append(weakref.ref(z))
-        return real(self, z, *rest)
+    def spy(cls, n_tensors):
+        real = cls.__call__
+
+        def call(self, *args):
+            seen.extend(weakref.ref(t) for t in args[:n_tensors])
+            return real(self, *args)
+        return real, call
+    patched = [(cls, *spy(cls, n)) for cls, n in
+               ((epilogue.BoundFwd, 1), (stats.BoundStats, 1), (backward.BoundBwd, 2))]
     with fusedres.use_backend("triton"):
-        epilogue.BoundFwd.__call__ = spy
+        for cls, _, call in patched:
+            cls.__call__ = call
         try:
             fused(x).sum().backward()
+            fused(x).sum().backward()
         finally:
-            epilogue.BoundFwd.__call__ = real
+            for cls, real, _ in patched:
+                cls.__call__ = real
     gc.collect()
-    assert seen and all(r() is None for r in seen), "a binding keeps a call's tensor alive"
+    assert len(seen) >= 2 * (4 + 3 + 2 * 3), "the bindings did not run"
+    assert all(r() is None for r in seen), "a binding keeps a call's tensor alive"

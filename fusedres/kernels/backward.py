@@ -351,12 +351,11 @@ class BoundBwd:
     says; bn_act_bwd converts first). bn_act_bwd binds one per call; a cached block plan
     keeps one per call site (fusedres.ops.bind_bn_act_bwd)."""
 
-    def __init__(self, dy: Tensor, z: Tensor, mask_mode: int, factor: Optional[Tensor],
+    def __init__(self, z: Tensor, mask_mode: int, factor: Optional[Tensor],
                  skip_mode: int, zd: Optional[Tensor], batch_stats: bool,
                  batch_stats_d: bool, need_sums: bool, dz_add: Optional[Tensor]):
         N, C, HW = shape3(z)
         cl = self.cl = is_channels_last(z)
-        self.fmt = torch.channels_last if cl else torch.contiguous_format
         self.shape, self.stride, self.dtype = z.shape, z.stride(), z.dtype
         self.factor_dim = None if factor is None else factor.dim()
         self.has_zd, self.has_dz_add = zd is not None, dz_add is not None
@@ -412,7 +411,7 @@ def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
     Returns (dz, dskip, sums): dskip empty for skip_mode 0; sums [2 or 4, C] =
     (dbeta, dgamma[, dbeta_d, dgamma_d]) in the statistics dtype, empty when not computed."""
     _, dy, z, zd, dz_add, factor = _bwd_prepare(dy, z, zd, dz_add, factor)
-    dz, dskip, sums = BoundBwd(dy, z, mask_mode, factor, skip_mode, zd, batch_stats,
+    dz, dskip, sums = BoundBwd(z, mask_mode, factor, skip_mode, zd, batch_stats,
                                batch_stats_d, need_sums, dz_add)(
         dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d, scale_d, dz_add)
     return (dz, dskip if dskip is not None else z.new_empty(0),
