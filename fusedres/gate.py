@@ -96,11 +96,8 @@ def gate_problem(m: nn.Module, name: str = "se") -> Optional[str]:
 
 def gate_params(m: nn.Module) -> GateParams:
     """The tensors the gate reads this call (read afresh every call, like a BN's)."""
-    if _is_class(m, "timm.layers.eca", "EcaModule"):
-        p = m.conv._parameters
-        return GateParams(p.get("weight"), p.get("bias"), None, None)
-    p1, p2 = m.fc1._parameters, m.fc2._parameters
-    return GateParams(p1.get("weight"), p1.get("bias"), p2.get("weight"), p2.get("bias"))
+    return GateParams(*(None if src is None else src[0].get(src[1])
+                        for src in gate_sources(m)))
 
 
 def gate_sources(m: nn.Module) -> list:

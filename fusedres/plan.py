@@ -269,7 +269,8 @@ def _read_aa(aa: Optional[tuple], preact: bool, k: int):
         return None, None
     after, module = aa
     if preact:
-        raise ValueError("aa (an anti-aliasing step) is served in post-activation blocks only")
+        raise ValueError("aa (an anti-aliasing step) is served in post-activation blocks "
+                         "only, got preact=True")
     if not 0 <= after < k - 1:
         raise ValueError(f"aa must follow an inner activation, 0 to {k - 2}, got after={after}")
     return read_aa(module, after)
@@ -280,7 +281,8 @@ def _read_gate(gate: Optional[nn.Module], preact: bool):
     if gate is None:
         return None, _NO_GATE
     if preact:
-        raise ValueError("gate (squeeze-excite / ECA) is served in post-activation blocks only")
+        raise ValueError("gate (squeeze-excite / ECA) is served in post-activation blocks "
+                         "only, got preact=True")
     return read_gate(gate)
 
 
