@@ -436,8 +436,7 @@ class _Hit:
     gate_children: tuple = ()        # conv...) whose parameters the list holds
 
     def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
-        return ((x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
-                == self.x_facts
+        return (_x_facts(x) == self.x_facts
                 and (torch.is_grad_enabled(), factor is None, recompute,
                      distributed.is_initialised()) == self.call_facts
                 and all(map(operator.is_, map(block_mods.get, self.names), self.modules))

@@ -152,7 +152,10 @@ def _shape_probe(block, x):
 def assert_compiles_like_eager(eager, x):
     """torch.compile(fullgraph=True, backend="aot_eager") of a copy of ``eager`` against
     ``eager`` itself: train-mode output, every parameter gradient, eval output (fp32
-    tolerances: the same kernels, traced)."""
+    tolerances: the same kernels, traced), and no graph break on the way."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     outs = []
@@ -165,6 +168,7 @@ def assert_compiles_like_eager(eager, x):
                                    msg=lambda m, n=name: f"{n}.grad: {m}")
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def assert_jvp_and_vmap_match(block, ref_block, x):
