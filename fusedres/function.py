@@ -419,7 +419,7 @@ def bn_backward(group, counts, args: BwdArgs, need_sums: bool, sites: Optional[S
     """One BN's backward (and the projection BN's, skip_mode 2): ops.run_bn_act_bwd, or,
     where a BN synchronises (its global count in ``counts``, one per BN the call covers),
     its reduction and elementwise pass with the ranks' sums between. Returns BwdOut."""
-    if all(c is None for c in counts):
+    if group is None or all(c is None for c in counts):  # (group: set where a BN syncs)
         if sites is None:
             return ops.run_bn_act_bwd(args, need_sums)
         return _bound(sites.bwd, i, lambda: ops.bind_bn_act_bwd(sites.impl, args, need_sums))(args)
@@ -436,6 +436,7 @@ class _Grads:
     def __init__(self, ctx, spec: BlockSpec):
         self.ctx, self.sl = ctx, slots(len(spec.convs))
         self.needs = ctx.needs_input_grad[3:]
+        self.dtypes = ctx.dtypes
         self.out = [None] * self.sl.total
 
     def need_w(self, i: int) -> bool:
@@ -465,11 +466,12 @@ class _Grads:
         if sums is None or not sums.numel():
             return
         j = self._bn_at(i)
-        for field, r in ((_GAMMA, row + 1), (_BETA, row)):
-            dt = self.ctx.dtypes[j + field]
-            if dt is not None and self.needs[j + field]:
+        needs, dtypes, out = self.needs, self.dtypes, self.out
+        for at, r in ((j + _GAMMA, row + 1), (j + _BETA, row)):
+            dt = dtypes[at]
+            if dt is not None and needs[at]:
                 g = sums[r]
-                self.out[j + field] = g if g.dtype == dt else g.to(dt)
+                out[at] = g if g.dtype == dt else g.to(dt)
 
     def need_gate(self) -> GateParams:
         return GateParams(*(self.needs[self.sl.gate + i] for i in range(len(GateParams._fields))))

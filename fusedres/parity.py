@@ -177,10 +177,10 @@ def fused_backward(describe, batched_backward):
                     return fn(ctx, *grads)
             if _batched(grads):
                 return batched_backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # the usual case: create_graph=False (the
+                return fn(ctx, *grads)       # engine runs the backward without grad mode)
             with torch.no_grad():
                 outputs = fn(ctx, *grads)
-            if not torch.is_grad_enabled():  # the usual case: create_graph=False
-                return outputs
             return _once_differentiable_error(
                 "trying to differentiate twice a function that was marked with "
                 f"@once_differentiable: {describe(ctx)} is once-differentiable, its gradient "

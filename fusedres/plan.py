@@ -434,9 +434,12 @@ class _Hit:
     tensors: list           # the flat list execute() takes
     gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
     gate_children: tuple = ()        # conv...) whose parameters the list holds
+    device_type: str = "cpu"         # x's (whose autocast state the plan assumes off)
 
     def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
+        """The plan holds for this call (made without autocast: one under autocast fails)."""
         return (_x_facts(x) == self.x_facts
+                and not torch.is_autocast_enabled(self.device_type)
                 and (torch.is_grad_enabled(), factor is None, recompute,
                      distributed.is_initialised()) == self.call_facts
                 and all(map(operator.is_, map(block_mods.get, self.names), self.modules))
@@ -517,7 +520,7 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
                 list(map(_norm_state, all_norms)), tuple(d for d, _ in srcs),
                 tuple(n for _, n in srcs), tuple(held), present, list(map(_ATTRS, present)),
                 list(tensors), layout.gate if gate_mod is not None else None,
-                _children(gate_mod))
+                _children(gate_mod), x.device.type)
 
 
 #: block module -> its last _Cached plan (weak: a deleted block takes its plan with it).
@@ -548,8 +551,18 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
                                     split_downsample(ds, layout.preact), layout.preact,
                                     factor, block.recompute, aa=_aa_of(block, layout, mods),
                                     gate=_gate_of(layout, mods))
+    composite = parity.needs_composite()
+    cached = _PLANS.get(block)
+    # the repeat call: every fact the plan rests on read the cheap way, the flat tensor
+    # list reused as it stands (its tensors are the modules' own, read in place); x's
+    # facts equal to the plan's mean x passed _check_x when the plan was made
+    if (not composite and cached is not None and cached.hit is not None
+            and cached.hit.holds(block._modules, x, factor, block.recompute)):
+        if factor is not None:
+            _check_factor(factor, x)
+        return execute(cached.plan, x, factor, cached.hit.tensors)
     _check_x(x, len(block._fused_layout.convs), len(block._fused_layout.norms))
-    if parity.needs_composite():  # forward AD, vmap: the plain modules' own path
+    if composite:  # forward AD, vmap: the plain modules' own path
         layout = block._fused_layout
         mods = block._modules
         ds = mods.get("downsample", block.__dict__.get("downsample"))
@@ -558,14 +571,6 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
                                       split_downsample(ds, layout.preact), layout.preact,
                                       factor, True, None, _aa_of(block, layout, mods),
                                       _gate_of(layout, mods))
-    cached = _PLANS.get(block)
-    # the repeat call: every fact the plan rests on read the cheap way, the flat tensor
-    # list reused as it stands (its tensors are the modules' own, read in place)
-    if (cached is not None and cached.hit is not None
-            and cached.hit.holds(block._modules, x, factor, block.recompute)
-            and _autocast_dtype(x) is None):
-        _check_factor(factor, x)
-        return execute(cached.plan, x, factor, cached.hit.tensors)
     return _run_slow(block, cached, x, split_downsample, factor)
 
 

@@ -47,7 +47,7 @@ from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, branch_fact
                       group_ticket, load_tile, mask_sample_base, program_tile, relu_grad,
                       relu_keep, store_tile, sum_partials, unpack_bits)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import (acc_dtype, as_dtype, branch_factor_arg, counters, in_layout, launch,
+from .launch import (BoundLaunch, Tickets, acc_dtype, as_dtype, branch_factor_arg, in_layout,
                      num_sms, scratch, shape3)
 
 Tensor = torch.Tensor
@@ -278,93 +278,129 @@ def _bwd_prepare(dy, z, zd, dz_add, factor):
             in_layout(dz_add, cl), branch_factor_arg(factor, z))
 
 
-def _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
-                mean_d, rstd_d, sums: Tensor, per_sample: bool = False) -> Tensor:
-    """Fill ``sums`` [K, C] (K = 4 with a projection BN), or [K, N, C] (``per_sample``), for
-    non-empty tensors: one launch."""
-    N, C, HW = shape3(z)
-    dev = z.device
-    skip_bn = skip_mode == 2
-    cfg = tile_config(N, C, HW, cl, "reduce", num_sms(dev), config.INTERPRET_TILES,
-                      z.element_size())
-    P = cfg.grid[0]
-    K = sums.shape[0]
-    if per_sample:  # [K, N, S, C] per sample and position block; a ticket per sample chunk
-        S = -(-HW // cfg.BLOCK_HW)
-        part = torch.empty((K, N, S, C), device=dev, dtype=sums.dtype)
-        n_counters = cfg.grid[0] // S * cfg.grid[1]
-    else:
-        part = torch.empty((K, P, C), device=dev, dtype=sums.dtype)
-        n_counters = cfg.grid[1]
-    launch(_bn_act_bwd_reduce_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
-           mask if mask_mode == 2 else scratch(dev, torch.uint8),
-           factor if factor is not None else z,
-           zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
-           part, counters(dev, n_counters), sums, N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG,
-           int(mask_mode == 0), int(factor is not None),
-           FROM_BITS=mask_mode == 2, SKIP_BN=skip_bn, PER_SAMPLE=per_sample,
-           FACTOR_PER_CHANNEL=factor is not None and factor.dim() == 2,
-           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
-           BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
-           NUM_STAGES=cfg.num_stages,
-           ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
-    return sums
+class _ReducePass:
+    """The reduction launch bound for z's shape, layout and dtype and the call's flags:
+    ``(..., sums)`` fills ``sums`` [K, C] (K = 4 with a projection BN), or [K, N, C] with
+    ``per_sample``, for a non-empty z."""
+
+    def __init__(self, z: Tensor, cl: bool, mask_mode: int, factor_dim: Optional[int],
+                 skip_mode: int, K: int, per_sample: bool = False):
+        N, C, HW = shape3(z)
+        dev = self.device = z.device
+        self.skip_bn = skip_mode == 2
+        self.sdt = stats_dtype(z)
+        cfg = tile_config(N, C, HW, cl, "reduce", num_sms(dev), config.INTERPRET_TILES,
+                          z.element_size())
+        P = cfg.grid[0]
+        if per_sample:  # [K, N, S, C] per sample and position block; a ticket per sample chunk
+            S = -(-HW // cfg.BLOCK_HW)
+            self.part_shape = (K, N, S, C)
+            n_counters = cfg.grid[0] // S * cfg.grid[1]
+        else:
+            self.part_shape = (K, P, C)
+            n_counters = cfg.grid[1]
+        self.tickets = Tickets(dev, n_counters)
+        self.mask_standin = scratch(dev, torch.uint8)
+        self.use_mask = mask_mode == 2
+        self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, int(mask_mode == 0),
+                        int(factor_dim is not None))
+        self.launch = BoundLaunch(
+            _bn_act_bwd_reduce_kernel, cfg.grid, FROM_BITS=mask_mode == 2, SKIP_BN=self.skip_bn,
+            PER_SAMPLE=per_sample, FACTOR_PER_CHANNEL=factor_dim == 2, HW_VEC=cfg.HW_VEC,
+            CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
+            NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
+
+    def __call__(self, dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d,
+                 sums: Tensor) -> Tensor:
+        part = torch.empty(self.part_shape, device=self.device, dtype=self.sdt)
+        skip_bn = self.skip_bn
+        self.launch(dy, z, mean, rstd, scale, shift,
+                    mask if self.use_mask else self.mask_standin,
+                    factor if factor is not None else z,
+                    zd if skip_bn else z, mean_d if skip_bn else mean,
+                    rstd_d if skip_bn else rstd, part, self.tickets.get(), sums, *self.scalars)
+        return sums
 
 
-def _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode, zd,
-               mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add, sums, inv_count,
-               du_add=None):
-    """(dz, dskip): the elementwise pass, with sums * inv_count the per-channel means and
-    du_add [N, C] added to g_b before the BN backward."""
-    N, C, HW = shape3(z)
-    dev = z.device
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    dz = torch.empty_like(z, memory_format=fmt)
-    dskip = (torch.empty_like(z, memory_format=fmt) if skip_mode == 2 else
-             torch.empty_like(dy, memory_format=fmt) if skip_mode == 1 else z.new_empty(0))
-    if z.numel() == 0:
+class _ApplyPass:
+    """The elementwise launch bound likewise: ``(..., sums, inv_count, du_add)`` returns
+    (dz, dskip) with sums * inv_count the per-channel means, du_add [N, C] added to g_b."""
+
+    def __init__(self, z: Tensor, cl: bool, mask_mode: int, factor_dim: Optional[int],
+                 skip_mode: int, batch_stats: bool, batch_stats_d: bool, has_dz_add: bool,
+                 has_du_add: bool):
+        N, C, HW = shape3(z)
+        dev = z.device
+        self.fmt = torch.channels_last if cl else torch.contiguous_format
+        self.skip_mode, self.skip_bn = skip_mode, skip_mode == 2
+        self.empty = z.numel() == 0
+        self.mask_standin = scratch(dev, torch.uint8)
+        self.use_mask = mask_mode == 2
+        if self.empty:
+            return
+        cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
+                          z.element_size())
+        self.scalars = (N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, int(mask_mode == 0),
+                        int(factor_dim is not None), int(batch_stats),
+                        int(self.skip_bn and batch_stats_d))
+        self.launch = BoundLaunch(
+            _bn_act_bwd_apply_kernel, cfg.grid, FROM_BITS=mask_mode == 2, SKIP=skip_mode,
+            HAS_DZ_ADD=has_dz_add, HAS_DU_ADD=has_du_add,
+            FACTOR_PER_CHANNEL=factor_dim == 2, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
+            BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, NUM_STAGES=cfg.num_stages,
+            ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
+
+    def __call__(self, dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d,
+                 scale_d, dz_add, sums, inv_count: float, du_add=None):
+        fmt, skip_mode = self.fmt, self.skip_mode
+        dz = torch.empty_like(z, memory_format=fmt)
+        dskip = (torch.empty_like(z, memory_format=fmt) if skip_mode == 2 else
+                 torch.empty_like(dy, memory_format=fmt) if skip_mode == 1 else None)
+        if self.empty:
+            return dz, dskip
+        skip_bn = self.skip_bn
+        self.launch(dy, z, mean, rstd, scale, shift,
+                    mask if self.use_mask else self.mask_standin,
+                    factor if factor is not None else z,
+                    du_add if du_add is not None else mean,
+                    sums if sums is not None and sums.numel() else mean,
+                    zd if skip_bn else z, mean_d if skip_bn else mean,
+                    rstd_d if skip_bn else rstd, scale_d if skip_bn else scale,
+                    dz_add if dz_add is not None else z,
+                    dz, dskip if skip_mode else dz, inv_count, *self.scalars)
         return dz, dskip
-    skip_bn = skip_mode == 2
-    cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
-                      z.element_size())
-    launch(_bn_act_bwd_apply_kernel, cfg.grid, dy, z, mean, rstd, scale, shift,
-           mask if mask_mode == 2 else scratch(dev, torch.uint8),
-           factor if factor is not None else z,
-           du_add if du_add is not None else mean,
-           sums if sums is not None and sums.numel() else mean,
-           zd if skip_bn else z, mean_d if skip_bn else mean, rstd_d if skip_bn else rstd,
-           scale_d if skip_bn else scale, dz_add if dz_add is not None else z,
-           dz, dskip if skip_mode else dz, inv_count, N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG,
-           int(mask_mode == 0), int(factor is not None), int(batch_stats),
-           int(skip_bn and batch_stats_d),
-           FROM_BITS=mask_mode == 2, SKIP=skip_mode, HAS_DZ_ADD=dz_add is not None,
-           HAS_DU_ADD=du_add is not None,
-           FACTOR_PER_CHANNEL=factor is not None and factor.dim() == 2,
-           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
-           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
-    return dz, dskip
+
+
+def _factor_dim(factor: Optional[Tensor]) -> Optional[int]:
+    return None if factor is None else factor.dim()
 
 
 class BoundBwd:
     """bn_act_bwd with what does not change from call to call decided once (which
-    launches, the flags, the count), for tensors already in z's layout and dtype (``fits``
-    says; bn_act_bwd converts first). bn_act_bwd binds one per call; a cached block plan
-    keeps one per call site (fusedres.ops.bind_bn_act_bwd)."""
+    launches, their tiles, grids and flags, the count), for tensors already in z's layout
+    and dtype (``fits`` says; bn_act_bwd converts first). bn_act_bwd binds one per call; a
+    cached block plan keeps one per call site (fusedres.ops.bind_bn_act_bwd)."""
 
     def __init__(self, z: Tensor, mask_mode: int, factor: Optional[Tensor],
                  skip_mode: int, zd: Optional[Tensor], batch_stats: bool,
                  batch_stats_d: bool, need_sums: bool, dz_add: Optional[Tensor]):
         N, C, HW = shape3(z)
-        cl = self.cl = is_channels_last(z)
+        cl = is_channels_last(z)
         self.shape, self.stride, self.dtype = z.shape, z.stride(), z.dtype
-        self.factor_dim = None if factor is None else factor.dim()
+        self.device = z.device
+        fdim = self.factor_dim = _factor_dim(factor)
         self.has_zd, self.has_dz_add = zd is not None, dz_add is not None
-        self.mask_mode, self.skip_mode = mask_mode, skip_mode
-        self.batch_stats, self.batch_stats_d = batch_stats, batch_stats_d
-        self.reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
+        self.skip_mode = skip_mode
+        reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
         self.sdt = stats_dtype(z)
-        self.K, self.C, self.inv_count = (4 if skip_mode == 2 else 2), C, 1.0 / max(N * HW, 1)
+        self.sums_shape = ((4 if skip_mode == 2 else 2), C)
+        self.inv_count = 1.0 / max(N * HW, 1)
         self.empty = z.numel() == 0
+        self.reduce = (_ReducePass(z, cl, mask_mode, fdim, skip_mode, self.sums_shape[0])
+                       if reduce and not self.empty else None)
+        self.need_zero_sums = reduce and self.empty
+        self.apply = _ApplyPass(z, cl, mask_mode, fdim, skip_mode, batch_stats,
+                                batch_stats_d, dz_add is not None, False)
 
     def fits(self, dy: Tensor, z: Tensor, factor, zd, dz_add) -> bool:
         """The call's operands as this binding was made for, each in z's layout (dy in its
@@ -382,18 +418,15 @@ class BoundBwd:
         if factor is not None:
             factor = branch_factor_arg(factor, z)
         sums = None
-        if self.reduce:
-            sums = torch.empty((self.K, self.C), device=z.device, dtype=self.sdt)
-            if self.empty:
-                sums.zero_()
-            else:
-                _bwd_reduce(self.cl, dy, z, mean, rstd, scale, shift, mask, self.mask_mode,
-                            factor, self.skip_mode, zd, mean_d, rstd_d, sums)
-        dz, dskip = _bwd_apply(self.cl, dy, z, mean, rstd, scale, shift, mask, self.mask_mode,
-                               factor, self.skip_mode, zd, mean_d, rstd_d, scale_d,
-                               self.batch_stats, self.batch_stats_d, dz_add, sums,
-                               self.inv_count)
-        return dz, (dskip if self.skip_mode else None), sums
+        if self.reduce is not None:
+            sums = self.reduce(dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d,
+                               rstd_d, torch.empty(self.sums_shape, device=self.device,
+                                                   dtype=self.sdt))
+        elif self.need_zero_sums:
+            sums = torch.zeros(self.sums_shape, device=self.device, dtype=self.sdt)
+        dz, dskip = self.apply(dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d,
+                               rstd_d, scale_d, dz_add, sums, self.inv_count)
+        return dz, dskip, sums
 
 
 def bn_act_bwd(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
@@ -430,9 +463,9 @@ def bn_act_bwd_reduce(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: 
     shape = (K, z.shape[0], z.shape[1]) if per_sample else (K, z.shape[1])
     if z.numel() == 0:
         return torch.zeros(shape, device=z.device, dtype=stats_dtype(z))
-    return _bwd_reduce(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
-                       zd, mean_d, rstd_d,
-                       torch.empty(shape, device=z.device, dtype=stats_dtype(z)), per_sample)
+    return _ReducePass(z, cl, mask_mode, _factor_dim(factor), skip_mode, K, per_sample)(
+        dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d,
+        torch.empty(shape, device=z.device, dtype=stats_dtype(z)))
 
 
 def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
@@ -452,6 +485,8 @@ def bn_act_bwd_apply(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, scale: T
             raise ValueError(f"bn_act_bwd_apply(du_add): expected shape ({N}, {C}), got "
                              f"{tuple(du_add.shape)}")
         du_add = as_dtype(du_add, stats_dtype(z)).contiguous()
-    return _bwd_apply(cl, dy, z, mean, rstd, scale, shift, mask, mask_mode, factor, skip_mode,
-                      zd, mean_d, rstd_d, scale_d, batch_stats, batch_stats_d, dz_add,
-                      in_layout(mean_sums, False), 1.0, du_add)
+    dz, dskip = _ApplyPass(z, cl, mask_mode, _factor_dim(factor), skip_mode, batch_stats,
+                           batch_stats_d, dz_add is not None, du_add is not None)(
+        dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d, scale_d, dz_add,
+        in_layout(mean_sums, False), 1.0, du_add)
+    return dz, (dskip if dskip is not None else z.new_empty(0))

@@ -28,7 +28,7 @@ from ..reference import running_stats
 from .bn_math import (bn_apply, branch_factor, load_tile, mask_sample_base, program_tile,
                       relu, relu_keep, store_bits, store_tile)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import (acc_dtype, branch_factor_arg, in_layout, launch, num_sms, scratch,
+from .launch import (BoundLaunch, acc_dtype, branch_factor_arg, in_layout, num_sms, scratch,
                      shape3)
 
 Tensor = torch.Tensor
@@ -213,12 +213,10 @@ class BoundFwd:
         self.args = [None, None, *main, None, *side, None, scratch(dev, torch.uint8),
                      N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps),
                      *flags, *side_flags, int(factor is not None), int(relu), int(write_mask)]
-        self.grid = cfg.grid
-        self.kwargs = dict(SKIP=skip_mode, FACTOR_PER_CHANNEL=self.factor_dim == 2,
-                           HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
-                           BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
-                           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z),
-                           num_warps=cfg.num_warps)
+        self.launch = BoundLaunch(
+            _bn_act_fwd_kernel, cfg.grid, SKIP=skip_mode, FACTOR_PER_CHANNEL=self.factor_dim == 2,
+            HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
+            NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
 
     def fits(self, z: Tensor, factor: Optional[Tensor]) -> bool:
         """z and the factor's kind ([N], [N, C] or none) as this binding was made for: a
@@ -253,7 +251,7 @@ class BoundFwd:
         a[_FACTOR] = branch_factor_arg(factor, z) if factor is not None else z
         if self.mask_shape is not None:
             mask = a[_MASK] = torch.empty(self.mask_shape, device=dev, dtype=torch.uint8)
-        launch(_bn_act_fwd_kernel, self.grid, *a, **self.kwargs)
+        self.launch(*a)
         return y, mask, stats, skip_stats
 
 

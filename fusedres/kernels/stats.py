@@ -45,7 +45,8 @@ from ..layout import is_channels_last, stats_dtype
 from .bn_math import (chan_combine, group_ticket, load_tile, program_tile, sample_base,
                       sum_partials, welford_update)
 from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
-from .launch import (acc_dtype, counters, hi_lo, in_layout, launch, num_sms, scratch,
+from .launch import (BoundLaunch, Tickets, acc_dtype, counters, hi_lo, in_layout, launch,
+                     num_sms, scratch,
                      shape3)
 
 Tensor = torch.Tensor
@@ -336,7 +337,7 @@ class BoundStats:
         if pool:
             self.S = -(-HW // cfg.BLOCK_HW)
             n_counters += P // self.S * cfg.grid[1]
-        self.n_counters = n_counters
+        self.tickets = Tickets(dev, n_counters)
         # the output is a stand-in where a parameter is absent: mark where it goes
         out0 = torch.empty((self.rows, C), device=dev, dtype=sdt)
         bn_args, flags = _running_args(dev, weight, bias, running_mean, running_var,
@@ -344,11 +345,11 @@ class BoundStats:
         self.out_at = [k for k, a in enumerate(bn_args) if a is out0]
         self.bn_args = [None if a is out0 else a for a in bn_args]
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(moments))
-        self.grid = cfg.grid
-        self.kwargs = dict(HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C,
-                           BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
-                           NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), POOL=pool,
-                           num_warps=cfg.num_warps)
+        self.launch = BoundLaunch(
+            _bn_stats_partial_kernel, cfg.grid, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
+            BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
+            NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), POOL=pool,
+            num_warps=cfg.num_warps)
 
     def fits(self, x: Tensor) -> bool:
         """x as this binding was made for (a cached plan's guard)."""
@@ -367,8 +368,7 @@ class BoundStats:
             pooled = torch.empty((self.N, C), device=dev, dtype=sdt)
         else:
             pool_part = pooled = part  # stand-ins, never touched
-        launch(_bn_stats_partial_kernel, self.grid, x, part, counters(dev, self.n_counters),
-               *bn, pool_part, pooled, *self.scalars, **self.kwargs)
+        self.launch(x, part, self.tickets.get(), *bn, pool_part, pooled, *self.scalars)
         return out, (pooled if self.S is not None else None)
 
 
