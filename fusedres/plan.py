@@ -434,7 +434,7 @@ class _Hit:
     tensors: list           # the flat list execute() takes
     gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
     gate_children: tuple = ()        # conv...) whose parameters the list holds
-    device_type: str = "cpu"         # x's (whose autocast state the plan assumes off)
+    device_type: str = ""            # x's (whose autocast state the plan assumes off)
 
     def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
         """The plan holds for this call (made without autocast: one under autocast fails)."""

@@ -238,7 +238,7 @@ def tiling(request, monkeypatch):
         monkeypatch.setattr(config, "INTERPRET_TILES", False)
     yield request.param
     from fusedres.kernels import launch
-    for buf in launch._COUNTERS.values():
+    for buf in launch.all_counters():
         assert not buf.any(), "a counter was left non-zero"
 
 
@@ -446,7 +446,7 @@ def test_pool_and_per_sample_over_sample_chunks(cl, monkeypatch):
     head = _bwd_head(shape, torch.float32, cl, 2, 1, "nc")
     assert_close_fp32(K.bn_act_bwd_reduce(*head, True), R.bn_act_bwd_reduce(*head, True),
                       "per-sample sums")
-    for buf in launch._COUNTERS.values():
+    for buf in launch.all_counters():
         assert not buf.any(), "a counter was left non-zero"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import functools
 import struct
+import weakref
 from typing import Optional
 
 import torch
@@ -116,6 +117,14 @@ def scratch(device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 _COUNTERS: dict = {}
+#: every counter buffer made, the ones a larger buffer replaced in _COUNTERS too (a
+#: binding's Tickets may still hold one): what the tests check is left zeroed
+_ALL_COUNTERS: list = []  # weak references (a tensor's == is elementwise: no WeakSet)
+
+
+def all_counters() -> list:
+    """Every live counter buffer, for the checks that each launch leaves its zeroed."""
+    return [b for b in (r() for r in _ALL_COUNTERS) if b is not None]
 
 
 def counters(device: torch.device, n: int) -> Tensor:
@@ -130,6 +139,7 @@ def counters(device: torch.device, n: int) -> Tensor:
     if buf is None or buf.numel() < n:
         # (grown, never shrunk; the old buffer stays valid for launches queued before)
         buf = _COUNTERS[key] = torch.zeros(max(n, 64), device=device, dtype=torch.int32)
+        _ALL_COUNTERS.append(weakref.ref(buf))
     return buf
 
 

@@ -46,8 +46,7 @@ from .bn_math import (chan_combine, group_ticket, load_tile, program_tile, sampl
                       sum_partials, welford_update)
 from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
 from .launch import (BoundLaunch, Tickets, acc_dtype, counters, hi_lo, in_layout, launch,
-                     num_sms, scratch,
-                     shape3)
+                     num_sms, scratch, shape3)
 
 Tensor = torch.Tensor
 
