@@ -554,8 +554,8 @@ def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[T
     composite = parity.needs_composite()
     cached = _PLANS.get(block)
     # the repeat call: every fact the plan rests on read the cheap way, the flat tensor
-    # list reused as it stands (its tensors are the modules' own, read in place); x's
-    # facts equal to the plan's mean x passed _check_x when the plan was made
+    # list reused as it stands (its tensors are the modules' own, read in place). x's
+    # facts equal to the plan's: x passed _check_x when the plan was made
     if (not composite and cached is not None and cached.hit is not None
             and cached.hit.holds(block._modules, x, factor, block.recompute)):
         if factor is not None:

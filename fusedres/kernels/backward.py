@@ -334,10 +334,10 @@ class _ApplyPass:
         self.fmt = torch.channels_last if cl else torch.contiguous_format
         self.skip_mode, self.skip_bn = skip_mode, skip_mode == 2
         self.empty = z.numel() == 0
+        if self.empty:  # (outputs allocated, nothing launched)
+            return
         self.mask_standin = scratch(dev, torch.uint8)
         self.use_mask = mask_mode == 2
-        if self.empty:
-            return
         cfg = tile_config(N, C, HW, cl, "elementwise", num_sms(dev), config.INTERPRET_TILES,
                           z.element_size())
         self.scalars = (N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, int(mask_mode == 0),
