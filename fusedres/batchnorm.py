@@ -29,7 +29,7 @@ class FusedBatchNorm(torch.autograd.Function):
         out = ops.run_bn_act_fwd(x, norm, None, None, None, False, False)
         ctx.spec, ctx.group = spec, group
         ctx.dtypes = [None if t is None else t.dtype for t in tensors[:2]]
-        ctx.bn_tensors = tensors  # for parity.fused_backward's error
+        ctx.tensors = tensors  # for parity.fused_backward's error
         ctx.save_for_backward(x, *out.stats, count)
         return out.y
 

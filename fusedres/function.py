@@ -218,8 +218,9 @@ def normalise(z: Tensor, p: BNParams, bs: BNSpec, group=None, sites=None,
         return Norm(stats, p, bs.eps), distributed.global_count(gathered)
     if sites is None:
         return Norm(ops.run_bn_stats(z, upd, bs.momentum, bs.eps), p, bs.eps), None
-    bound = _bound(sites.stats, i,
-                   lambda: ops.bind_bn_stats(sites.impl, z, upd, bs.momentum, bs.eps))
+    bound = sites.stats.get(i)
+    if bound is None:  # (two threads binding at once bind twice: harmless)
+        bound = sites.stats[i] = ops.bind_bn_stats(sites.impl, z, upd, bs.momentum, bs.eps)
     return Norm(bound(z), p, bs.eps), None
 
 
@@ -267,22 +268,15 @@ class Sites(NamedTuple):
     bwd: dict
 
 
-def _bound(table: dict, i: int, bind):
-    """Call site i's binding in ``table``, made by ``bind()`` the first time (two threads
-    binding at once bind twice: harmless)."""
-    b = table.get(i)
-    if b is None:
-        b = table[i] = bind()
-    return b
-
-
 def _epilogue(sites: Optional[Sites], i: int, z: Tensor, norm: Norm, skip, skip_norm,
               factor, relu: bool, write_mask: bool):
     """ops.run_bn_act_fwd, through call site i's binding where the plan keeps them."""
     if sites is None:
         return ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, relu, write_mask)
-    bound = _bound(sites.fwd, i, lambda: ops.bind_bn_act_fwd(
-        sites.impl, z, norm, skip, skip_norm, factor, relu, write_mask, sites.keep_stats))
+    bound = sites.fwd.get(i)
+    if bound is None:
+        bound = sites.fwd[i] = ops.bind_bn_act_fwd(sites.impl, z, norm, skip, skip_norm,
+                                                   factor, relu, write_mask, sites.keep_stats)
     return bound(z, norm, skip, skip_norm, factor)
 
 
@@ -422,7 +416,10 @@ def bn_backward(group, counts, args: BwdArgs, need_sums: bool, sites: Optional[S
     if group is None or all(c is None for c in counts):  # (group: set where a BN syncs)
         if sites is None:
             return ops.run_bn_act_bwd(args, need_sums)
-        return _bound(sites.bwd, i, lambda: ops.bind_bn_act_bwd(sites.impl, args, need_sums))(args)
+        bound = sites.bwd.get(i)
+        if bound is None:
+            bound = sites.bwd[i] = ops.bind_bn_act_bwd(sites.impl, args, need_sums)
+        return bound(args)
     sums = ops.run_bn_act_bwd_reduce(args)
     z = args.z
     means = distributed.mean_sums(sums, counts, z.numel() // max(z.shape[1], 1), group)
@@ -436,7 +433,7 @@ class _Grads:
     def __init__(self, ctx, spec: BlockSpec):
         self.ctx, self.sl = ctx, slots(len(spec.convs))
         self.needs = ctx.needs_input_grad[3:]
-        self.dtypes = ctx.dtypes
+        self.tensors = ctx.tensors
         self.out = [None] * self.sl.total
 
     def need_w(self, i: int) -> bool:
@@ -466,11 +463,10 @@ class _Grads:
         if sums is None or not sums.numel():
             return
         j = self._bn_at(i)
-        needs, dtypes, out = self.needs, self.dtypes, self.out
+        needs, tensors, out = self.needs, self.tensors, self.out
         for at, r in ((j + _GAMMA, row + 1), (j + _BETA, row)):
-            dt = dtypes[at]
-            if dt is not None and needs[at]:
-                g = sums[r]
+            if needs[at]:  # (so the parameter is there)
+                g, dt = sums[r], tensors[at].dtype
                 out[at] = g if g.dtype == dt else g.to(dt)
 
     def need_gate(self) -> GateParams:
@@ -495,9 +491,9 @@ class FusedResidualBlock(torch.autograd.Function):
         out, saved = block_forward(spec, x, factor, tensors, save=True)
         ctx.spec = spec
         # Only conv weights are saved: the running statistics change in place every
-        # forward, and the BN backward needs nothing of its parameters but their dtype.
-        ctx.dtypes = [None if t is None else t.dtype for t in tensors]
-        ctx.bn_tensors = tensors[len(spec.convs):]  # for parity.fused_backward's error
+        # forward, and the BN backward needs nothing of its parameters but their dtype
+        # (read from ``ctx.tensors``, which parity.fused_backward's error names too).
+        ctx.tensors = tensors
         sl = slots(len(spec.convs))
         ctx.save_for_backward(x, factor, tensors[sl.wd], tensors[sl.aa],
                               *(tensors[i] for i in sl.w), *saved.flat())

@@ -389,9 +389,7 @@ def bind_bn_act_bwd(impl, a: BwdArgs, need_sums: bool):
                                 a.factor, a.zd, None if sd is None else sd.mean,
                                 None if sd is None else sd.rstd,
                                 None if sd is None else sd.scale, a.dz_add)
-        z = a.z  # (BwdOut's contract: empty tensors, not None, for what was not made)
-        return BwdOut(dz, dskip if dskip is not None else z.new_empty(0),
-                      sums if sums is not None else z.new_empty((0,), dtype=stats_dtype(z)))
+        return BwdOut(dz, dskip, sums)  # (None for what was not made)
     return bwd
 
 

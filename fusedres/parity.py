@@ -159,8 +159,8 @@ def _once_differentiable_error(message: str, outputs, anchors):
 
 def _anchors(ctx) -> list:
     """The Function's inputs that require grad, as far as the backward can see them: its
-    saved tensors, and the batch norms' tensors the forward kept in ``ctx.bn_tensors``."""
-    seen = [*ctx.saved_tensors, *getattr(ctx, "bn_tensors", ())]
+    saved tensors, and the tensors the forward kept in ``ctx.tensors``."""
+    seen = [*ctx.saved_tensors, *getattr(ctx, "tensors", ())]
     return [t for t in seen if isinstance(t, Tensor) and t.requires_grad]
 
 
@@ -263,7 +263,8 @@ def block_backward_batched(ctx, dout: Tensor):
     x, factor, wd, filt, *rest = ctx.saved_tensors
     W, saved = rest[:k], Saved.unflat(spec, tuple(rest[k:]))
     sl = slots(k)
-    needs, dtypes = ctx.needs_input_grad[3:], ctx.dtypes
+    needs = ctx.needs_input_grad[3:]
+    dtypes = [None if t is None else t.dtype for t in ctx.tensors]
     with torch.enable_grad():
         xl = _leaf(x, ctx.needs_input_grad[1])
         Wl = [_leaf(W[i], needs[sl.w[i]]) for i in range(k)]

@@ -93,7 +93,8 @@ class BwdArgs(NamedTuple):
 
 
 class BwdOut(NamedTuple):
-    """What bn_act_bwd returns."""
+    """What bn_act_bwd returns (a cached plan's bound backward, ops.bind_bn_act_bwd, gives
+    None where this says empty)."""
     dz: Tensor
-    dskip: Tensor                  # g (skip_mode 1), dzd (skip_mode 2), else empty
-    sums: Tensor                   # [2 or 4, C]: (dbeta, dgamma[, dbeta_d, dgamma_d]), or empty
+    dskip: Optional[Tensor]        # g (skip_mode 1), dzd (skip_mode 2), else empty
+    sums: Optional[Tensor]         # [2 or 4, C]: (dbeta, dgamma[, dbeta_d, dgamma_d]), or empty

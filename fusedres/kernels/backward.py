@@ -47,8 +47,8 @@ from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, branch_fact
                       group_ticket, load_tile, mask_sample_base, program_tile, relu_grad,
                       relu_keep, store_tile, sum_partials, unpack_bits)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import (BoundLaunch, Tickets, acc_dtype, as_dtype, branch_factor_arg, in_layout,
-                     num_sms, scratch, shape3)
+from .launch import (BoundLaunch, Tickets, Workspace, acc_dtype, as_dtype, branch_factor_arg,
+                     in_layout, num_sms, scratch, shape3, template)
 
 Tensor = torch.Tensor
 
@@ -300,6 +300,7 @@ class _ReducePass:
             self.part_shape = (K, P, C)
             n_counters = cfg.grid[1]
         self.tickets = Tickets(dev, n_counters)
+        self.part = Workspace("partials", dev, self.part_shape, self.sdt)
         self.mask_standin = scratch(dev, torch.uint8)
         self.use_mask = mask_mode == 2
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, int(mask_mode == 0),
@@ -312,7 +313,7 @@ class _ReducePass:
 
     def __call__(self, dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d,
                  sums: Tensor) -> Tensor:
-        part = torch.empty(self.part_shape, device=self.device, dtype=self.sdt)
+        part = self.part.get()
         skip_bn = self.skip_bn
         self.launch(dy, z, mean, rstd, scale, shift,
                     mask if self.use_mask else self.mask_standin,
@@ -394,6 +395,7 @@ class BoundBwd:
         reduce = batch_stats or need_sums or (skip_mode == 2 and batch_stats_d)
         self.sdt = stats_dtype(z)
         self.sums_shape = ((4 if skip_mode == 2 else 2), C)
+        self.sums_like = template(z.device, self.sums_shape, self.sdt)
         self.inv_count = 1.0 / max(N * HW, 1)
         self.empty = z.numel() == 0
         self.reduce = (_ReducePass(z, cl, mask_mode, fdim, skip_mode, self.sums_shape[0])
@@ -420,8 +422,7 @@ class BoundBwd:
         sums = None
         if self.reduce is not None:
             sums = self.reduce(dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d,
-                               rstd_d, torch.empty(self.sums_shape, device=self.device,
-                                                   dtype=self.sdt))
+                               rstd_d, torch.empty_like(self.sums_like))
         elif self.need_zero_sums:
             sums = torch.zeros(self.sums_shape, device=self.device, dtype=self.sdt)
         dz, dskip = self.apply(dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d,

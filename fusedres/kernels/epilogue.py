@@ -29,7 +29,7 @@ from .bn_math import (bn_apply, branch_factor, load_tile, mask_sample_base, prog
                       relu, relu_keep, store_bits, store_tile)
 from .config import SAMPLE_COUNTS, tile_config
 from .launch import (BoundLaunch, acc_dtype, branch_factor_arg, in_layout, num_sms, scratch,
-                     shape3)
+                     shape3, template)
 
 Tensor = torch.Tensor
 
@@ -187,6 +187,8 @@ class BoundFwd:
         self.sdt = sdt = stats_dtype(z)
         self.C = C
         self.mask_shape = mask_shape(z) if write_mask else None
+        # (what each call's eval statistics are allocated like)
+        self.stats_like = template(z.device, (4, C), stats_dtype(z))
         skip_mode = 0 if skip is None else (2 if skip_norm else 1)
         self.skip_mode = skip_mode
         self.running = scale is None
@@ -228,15 +230,13 @@ class BoundFwd:
         """(y, mask, stats, skip_stats), None for what this call does not make: the mask
         without write_mask, the statistics without an eval-mode BN or keep_stats."""
         a = self.args.copy()  # (a copy: two threads may run one plan)
-        dev, sdt = self.device, self.sdt
         a[_Z] = z
         y = a[_Y] = torch.empty_like(z, memory_format=self.fmt)
         stats = skip_stats = mask = None
         if not self.running:
             a[_SCALE], a[_SHIFT] = scale, shift
         elif self.keep_stats:
-            stats = a[_SCALE] = a[_SHIFT] = a[_STATS] = torch.empty((4, self.C), device=dev,
-                                                                     dtype=sdt)
+            stats = a[_SCALE] = a[_SHIFT] = a[_STATS] = torch.empty_like(self.stats_like)
         if self.skip_mode:
             a[_SKIP] = skip if skip.is_contiguous(memory_format=self.fmt) else \
                 skip.contiguous(memory_format=self.fmt)
@@ -246,11 +246,11 @@ class BoundFwd:
             if not self.skip_running:
                 a[_SKIP_SCALE], a[_SKIP_SHIFT] = skip_scale, skip_shift
             elif self.keep_stats:
-                skip_stats = torch.empty((4, self.C), device=dev, dtype=sdt)
+                skip_stats = torch.empty_like(self.stats_like)
                 a[_SKIP_SCALE] = a[_SKIP_SHIFT] = a[_SKIP_STATS] = skip_stats
         a[_FACTOR] = branch_factor_arg(factor, z) if factor is not None else z
         if self.mask_shape is not None:
-            mask = a[_MASK] = torch.empty(self.mask_shape, device=dev, dtype=torch.uint8)
+            mask = a[_MASK] = torch.empty(self.mask_shape, device=self.device, dtype=torch.uint8)
         self.launch(*a)
         return y, mask, stats, skip_stats
 

@@ -158,6 +158,53 @@ class Tickets:
         return buf if buf is not None else counters(self.device, self.n)
 
 
+_TEMPLATES: dict = {}
+
+
+def template(device: torch.device, shape: tuple, dtype: torch.dtype) -> Tensor:
+    """A small tensor that per-channel outputs are allocated like, ``torch.empty_like``
+    being the cheapest allocation from Python (a microsecond less than ``torch.empty``
+    with a shape, device and dtype). Kept per device, shape and dtype; small shapes only."""
+    key = (device, shape, dtype)
+    t = _TEMPLATES.get(key)
+    if t is None:
+        t = _TEMPLATES[key] = torch.empty(shape, device=device, dtype=dtype)
+    return t
+
+
+_WORKSPACES: dict = {}
+
+
+def workspace(role: str, device: torch.device, shape: tuple, dtype: torch.dtype) -> Tensor:
+    """A launch's partials buffer, kept per device, stream, shape and dtype instead of
+    allocated per launch: each launch reads its partials back within itself (the last
+    program merges them), and launches on one stream run one after another, so the next
+    launch that takes the buffer finds it free. Like the counters, one per stream keeps
+    launches that can run at once apart. ``role`` keeps the buffers one launch takes
+    apart (two of the same shape would otherwise be one)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (role, device, stream, shape, dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        buf = _WORKSPACES[key] = torch.empty(shape, device=device, dtype=dtype)
+    return buf
+
+
+class Workspace:
+    """``workspace(role, device, shape, dtype)`` for one binding, found once off CUDA and
+    on each call on CUDA, as Tickets does."""
+    __slots__ = ("role", "device", "shape", "dtype", "buf")
+
+    def __init__(self, role: str, device: torch.device, shape: tuple, dtype: torch.dtype):
+        self.role, self.device, self.shape, self.dtype = role, device, tuple(shape), dtype
+        self.buf = None if device.type == "cuda" else workspace(role, device, self.shape, dtype)
+
+    def get(self) -> Tensor:
+        buf = self.buf
+        return buf if buf is not None else workspace(self.role, self.device, self.shape,
+                                                     self.dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def hi_lo(v: float) -> tuple:
     """A double as two fp32 scalars, hi + lo (Triton passes float arguments as fp32), so

@@ -45,8 +45,8 @@ from ..layout import is_channels_last, stats_dtype
 from .bn_math import (chan_combine, group_ticket, load_tile, program_tile, sample_base,
                       sum_partials, welford_update)
 from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
-from .launch import (BoundLaunch, Tickets, acc_dtype, counters, hi_lo, in_layout, launch,
-                     num_sms, scratch, shape3)
+from .launch import (BoundLaunch, Tickets, Workspace, acc_dtype, counters, hi_lo, in_layout,
+                     launch, num_sms, scratch, shape3, template)
 
 Tensor = torch.Tensor
 
@@ -337,8 +337,11 @@ class BoundStats:
             self.S = -(-HW // cfg.BLOCK_HW)
             n_counters += P // self.S * cfg.grid[1]
         self.tickets = Tickets(dev, n_counters)
+        self.part = Workspace("partials", dev, (2, self.P, C), sdt)
+        self.pool_part = Workspace("pool partials", dev, (N, self.S, C), sdt) if pool else None
         # the output is a stand-in where a parameter is absent: mark where it goes
         out0 = torch.empty((self.rows, C), device=dev, dtype=sdt)
+        self.out_like = template(dev, (self.rows, C), sdt)
         bn_args, flags = _running_args(dev, weight, bias, running_mean, running_var,
                                        num_batches_tracked, momentum, eps, out0)
         self.out_at = [k for k, a in enumerate(bn_args) if a is out0]
@@ -356,15 +359,14 @@ class BoundStats:
 
     def __call__(self, x: Tensor):
         """The [rows, C] output, and with ``pool`` the [N, C] means: (out, pooled)."""
-        dev, sdt, C = self.device, self.sdt, self.C
-        out = torch.empty((self.rows, C), device=dev, dtype=sdt)
+        out = torch.empty_like(self.out_like)
         bn = self.bn_args.copy()
         for k in self.out_at:
             bn[k] = out
-        part = torch.empty((2, self.P, C), device=dev, dtype=sdt)
+        part = self.part.get()
         if self.S is not None:
-            pool_part = torch.empty((self.N, self.S, C), device=dev, dtype=sdt)
-            pooled = torch.empty((self.N, C), device=dev, dtype=sdt)
+            pool_part = self.pool_part.get()
+            pooled = torch.empty((self.N, self.C), device=self.device, dtype=self.sdt)
         else:
             pool_part = pooled = part  # stand-ins, never touched
         self.launch(x, part, self.tickets.get(), *bn, pool_part, pooled, *self.scalars)
