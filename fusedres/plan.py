@@ -321,6 +321,8 @@ def execute(plan: BlockPlan, x: Tensor, factor: Optional[Tensor], tensors) -> Te
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     dev_type = x.device.type
+    if dev_type == "meta":  # (torch has no autocast state for it: the checks then say more)
+        return None
     if torch.is_autocast_enabled(dev_type) and x.is_floating_point():
         return torch.get_autocast_dtype(dev_type)
     return None
@@ -455,7 +457,8 @@ def _children(m) -> tuple:
 
 
 def _x_facts(x: Tensor) -> tuple:
-    return (x.shape, x.stride(), x.dtype, x.get_device(), x.requires_grad)
+    # x.device, not get_device(): that is -1 for the CPU and the meta device alike
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
 
 
 def _sources(convs, all_norms, parts, aa_mod, gate_mod) -> tuple:
@@ -535,7 +538,7 @@ def _norm_state(norm: nn.Module) -> tuple:
 
 def _tensor_state(t: Optional[Tensor]):
     # identity, and what .half() / .to() / .requires_grad_() change while keeping it
-    return None if t is None else (id(t), t.dtype, t.get_device(), t.requires_grad)
+    return None if t is None else (id(t), t.dtype, t.device, t.requires_grad)
 
 
 def run_module(block: nn.Module, x: Tensor, split_downsample, factor: Optional[Tensor]) -> Tensor:
@@ -607,7 +610,7 @@ def _run_slow(block, cached, x, split_downsample, factor):
     filt = aa_filter(aa[1]) if aa is not None else None
     gp = gate_params(gate) if gate is not None else _NO_GATE
     cast = _autocast_dtype(x)
-    key = (x.shape, x.dtype, x.get_device(), x.is_contiguous(),
+    key = (x.shape, x.dtype, x.device, x.is_contiguous(),
            x.is_contiguous(memory_format=torch.channels_last), x.requires_grad,
            torch.is_grad_enabled(), cast, factor is None, block.recompute,
            distributed.is_initialised(), tuple(map(_norm_state, all_norms)),

@@ -224,6 +224,23 @@ def test_plan_follows_grad_mode_and_input_shape():
         fused(one)
 
 
+def test_plan_follows_the_input_device():
+    """A plan made for a CPU input does not serve a meta one (same shape, strides and
+    dtype): the call is checked afresh and raises as a first call would."""
+    ref, fused = _pair("basic", "cpu")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    _check_same(ref, fused, x, train=True)
+    p0 = _plan(fused)
+    before = [b.clone() for b in fused.buffers()]
+    # the facts of the plan's input (_check_same's requires grad) but for the device
+    with pytest.raises(ValueError, match="must be on meta like x"):
+        fused(x.to("meta").requires_grad_(True))
+    assert _plan(fused) is p0
+    for b, b0 in zip(fused.buffers(), before):
+        assert torch.equal(b, b0)
+    _check_same(ref, fused, x, train=True)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
 def test_cached_plan_runs_the_triton_kernels():
     from checks import triton_ran
