@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
-from . import distributed, ops, parity, reference
+from . import distributed, ops, parity, reference, straight
 from .antialias import AASpec, aa_backward, aa_forward
 from .gate import GateParams, GateSpec, gate_backward, gate_forward
 from .layout import memory_format
@@ -315,6 +315,10 @@ def _sites(spec: BlockSpec, x: Tensor, keep_stats: bool) -> Optional[Sites]:
 def block_forward(spec: BlockSpec, x: Tensor, factor: Optional[Tensor], tensors,
                   save: bool):
     """Run the block; returns (out, Saved or None)."""
+    if not save:
+        prog = straight.program(spec, x, False)
+        if prog is not None:  # (a cached plan of the common block: straight-line code)
+            return prog.forward(x, factor, tensors)
     sites = _sites(spec, x, keep_stats=save)
     sl = slots(len(spec.convs))
     W = [tensors[i] for i in sl.w]
@@ -492,12 +496,18 @@ class FusedResidualBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x: Tensor, factor: Optional[Tensor], *tensors):
+        ctx.spec, ctx.tensors = spec, tensors
+        prog = straight.program(spec, x, True)
+        if prog is not None:  # a cached plan of the common block: the same, straight-line
+            ctx.straight = prog
+            out, flat = prog.forward(x, factor, tensors)
+            ctx.save_for_backward(*flat)
+            return out
+        ctx.straight = None
         out, saved = block_forward(spec, x, factor, tensors, save=True)
-        ctx.spec = spec
         # Only conv weights are saved: the running statistics change in place every
         # forward, and the BN backward needs nothing of its parameters but their dtype
         # (read from ``ctx.tensors``, which parity.fused_backward's error names too).
-        ctx.tensors = tensors
         sl = slots(len(spec.convs))
         ctx.save_for_backward(x, factor, tensors[sl.wd], tensors[sl.aa],
                               *(tensors[i] for i in sl.w), *saved.flat())
@@ -506,6 +516,9 @@ class FusedResidualBlock(torch.autograd.Function):
     @staticmethod
     @parity.fused_backward(parity.describe_block, parity.block_backward_batched)
     def backward(ctx, dout: Tensor):
+        prog = ctx.straight
+        if prog is not None and ops.backend_of(dout) is prog.impl:
+            return prog.backward(ctx, dout)
         spec: BlockSpec = ctx.spec
         k = len(spec.convs)
         x, factor, wd, filt, *rest = ctx.saved_tensors

@@ -315,3 +315,63 @@ def test_bindings_keep_no_activation_alive():
     gc.collect()
     assert len(seen) >= 2 * (4 + 3 + 2 * 3), "the bindings did not run"
     assert all(r() is None for r in seen), "a binding keeps a call's tensor alive"
+
+
+def _straight_runs(monkeypatch, on: bool) -> list:
+    """Count the straight-line program's calls, or (on=False) turn it off."""
+    from fusedres import straight
+    calls = []
+    if not on:
+        monkeypatch.setattr(straight, "covers", lambda spec, impl, save: False)
+        return calls
+    real = straight.StraightBlock.forward
+    monkeypatch.setattr(straight.StraightBlock, "forward",
+                        lambda self, *a: (calls.append(1), real(self, *a))[1])
+    return calls
+
+
+STRAIGHT_CASES = {
+    "basic": lambda: R.BasicBlock(8, 8),
+    "bottleneck_proj": BLOCKS["bottleneck_proj"],
+    "bottleneck_avg_down": lambda: R.Bottleneck(8, 4, stride=2, downsample=nn.Sequential(
+        nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))),
+    "preact": lambda: R.PreActBasicBlock(8, 8),
+    "preact_proj": BLOCKS["preact"],
+}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+@pytest.mark.parametrize("name", list(STRAIGHT_CASES))
+def test_straight_program_matches_the_general_path(name, drop, cl, monkeypatch):
+    """A cached plan of the common block runs fusedres.straight, which must compute
+    exactly what function.py's path computes (the same kernels in the same order): the
+    outputs, every gradient and every buffer bit for bit, in training and in eval."""
+    torch.manual_seed(0)
+    base = randomize(STRAIGHT_CASES[name]())
+    base.drop_path_rate = drop
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(3, 8, 5, 5).to(memory_format=fmt)
+    results = []
+    for on in (True, False):
+        with monkeypatch.context() as mp:
+            calls = _straight_runs(mp, on)
+            block = fusedres.convert(copy.deepcopy(base)).to(memory_format=fmt)
+            got = []
+            with fusedres.use_backend("triton"):
+                for step in range(3):
+                    torch.manual_seed(step)  # (the same drop-path draws on both paths)
+                    xg = x.clone().requires_grad_(True)
+                    out = block.train()(xg)
+                    out.backward(torch.randn_like(out))
+                    got += [out, xg.grad]
+                with torch.no_grad():
+                    got.append(block.eval()(x))
+            got += [p.grad for p in block.parameters()] + list(block.buffers())
+            if on:
+                assert len(calls) == 4, "the cached plan did not run the straight program"
+            results.append(got)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,0 +1,368 @@
+"""The common post-activation block of a cached plan as straight-line code.
+
+function.py's forward and backward serve every block: pre- and post-activation, gates,
+anti-aliasing, recomputation, synchronised batch norm, unbound calls. Each BN call there
+passes through a few layers of records and checks, and on a small block those layers
+cost as much host time as the kernels' launches themselves (bench/bench_host.py). A
+module's cached plan for the block ResNets are made of (torchvision's BasicBlock and
+Bottleneck, timm's without a gate or aa: post-activation, identity or projection
+shortcut, every BN in one mode, no synchronisation, no recompute) runs here instead: the
+same ATen convolutions and the same bound launches (kernels.stats.BoundStats,
+kernels.epilogue.BoundFwd, kernels.backward.BoundBwd), called directly, in the order
+function._forward_post and function._backward_post call them, with the same saved state
+(FusedResidualBlock's flat layout, so that the batched backward and the generic backward
+can read it). ``program`` says whether a plan runs here; anything it does not cover, or
+a call its bindings do not fit, takes function.py's path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .layout import memory_format
+from .records import BNParams, BNStats, BwdArgs, Norm
+
+_GAMMA, _BETA = BNParams._fields.index("weight"), BNParams._fields.index("bias")
+
+
+def program(spec, x: Tensor, save: bool) -> Optional["StraightBlock"]:
+    """The straight-line program of a cached plan's spec on x's backend (``save``: with
+    autograd), made on first use; None where the plan is not one it covers."""
+    sites = spec.sites
+    if sites is None:
+        return None
+    impl = ops.backend_of(x)
+    key = (impl, "straight", save)
+    prog = sites.get(key)
+    if prog is None:
+        prog = sites[key] = (StraightBlock(spec, impl, save)
+                             if impl is not None and covers(spec, impl, save) else False)
+    return prog or None
+
+
+def covers(spec, impl, save: bool) -> bool:
+    """A post-activation block with a shortcut, no gate, aa, recompute or synchronised BN,
+    on a backend with bound launches, every BN in training (with autograd) or in eval
+    (without: the epilogue derives the statistics)."""
+    if (spec.gate is not None or spec.aa is not None or spec.recompute
+            or not spec.skip or spec.group is not None or getattr(impl, "BoundBwd", None) is None):
+        return False
+    # (a pre-activation block's projection has no BN of its own)
+    bns = [*spec.bns, *((spec.proj_bn,) if spec.proj is not None and not spec.preact else ())]
+    if any(b is None or b.sync for b in bns):
+        return False
+    if save:
+        return all(b.batch_stats for b in bns)
+    return not any(b.batch_stats for b in bns)
+
+
+class StraightBlock:
+    """One cached plan's block call on one backend, bound as it first runs. ``forward``
+    returns (out, the flat saved list or None); ``backward`` FusedResidualBlock's
+    gradients. A call a binding does not fit takes that op unbound, as the bindings of
+    function.py's path do."""
+
+    def __init__(self, spec, impl, save: bool):
+        from .function import slots  # (function imports this module)
+        self.spec, self.impl, self.save = spec, impl, save
+        self.k = k = len(spec.convs)
+        self.sl = slots(k)
+        self.stats: list = [None] * (k + 1)   # BoundStats per BN (the projection's last)
+        self.fwd: list = [None] * k           # BoundFwd per epilogue
+        self.bwd: list = [None] * k           # BoundBwd per BN backward
+        self.proj = spec.proj is not None
+        # the epilogue that takes the shortcut, the factor and the mask: the last BN's of
+        # a post-activation block (a pre-activation block adds its shortcut with torch)
+        self.tail = -1 if spec.preact else k - 1
+        # where FusedResidualBlock.forward's saved list keeps what the backward reads:
+        # (x, factor, wd, filt, *W) then Saved.flat(): zs, acts, mask, zd, xp, 5 per BN
+        self.at_zs = 4 + k
+        self.at_acts = self.at_zs + k
+        self.at_mask = self.at_acts + (k if spec.preact else k - 1)
+        self.at_bns = self.at_mask + 3
+        self.n_gate = 7
+
+    # ---------------------------------------------------------------- forward
+
+    def _params(self, i: int, tensors) -> BNParams:
+        """BN i's tensors (i == k: the projection's) as the plan's flat list holds them."""
+        j = self.sl.bnd if i == self.k else self.sl.bn[i]
+        return BNParams(*tensors[j:j + 5])
+
+    def _stats(self, i: int, z: Tensor, tensors, bs) -> BNStats:
+        """BN i's batch statistics (and its running statistics updated), through its
+        binding; the unbound op where z is not what a binding takes (as ops.bind_bn_stats)."""
+        b = self.stats[i]
+        if b is None or not b.fits(z):
+            p = self._params(i, tensors)
+            if not bs.update:
+                p = BNParams(p.weight, p.bias, None, None, None)
+            if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
+                return ops.run_bn_stats(z, p, bs.momentum, bs.eps)
+            b = self.stats[i] = self.impl.BoundStats(z, *p, bs.momentum, bs.eps)
+        return BNStats(*b(z)[0].unbind(0))
+
+    def forward(self, x: Tensor, factor: Optional[Tensor], tensors):
+        if self.spec.preact:
+            return self._forward_preact(x, factor, tensors)
+        spec, k, sl = self.spec, self.k, self.sl
+        from .function import _conv, _pool
+        save = train = self.save  # (a plan it covers trains exactly when it saves)
+        zs, acts, stats = [], [], []
+        h = x
+        for i in range(k - 1):
+            z = _conv(h, tensors[sl.w[i]], spec.convs[i])
+            if train:
+                st = self._stats(i, z, tensors, spec.bns[i])
+                h = self._epilogue(i, z, st, None, None, None, tensors)[0]
+                zs.append(z)
+                acts.append(h)
+                stats.append(st)
+            else:
+                h = self._epilogue(i, z, None, None, None, None, tensors)[0]
+        z = _conv(h, tensors[sl.w[k - 1]], spec.convs[k - 1])
+        del h
+        st = self._stats(k - 1, z, tensors, spec.bns[k - 1]) if train else None
+        zd = xp = st_d = None
+        if self.proj:
+            xp = _pool(x, spec.proj_pool)
+            zd = _conv(xp, tensors[sl.wd], spec.proj)
+            if train:
+                st_d = self._stats(k, zd, tensors, spec.proj_bn)
+            skip = zd
+        else:
+            skip = x
+        out, mask = self._epilogue(k - 1, z, st, skip, st_d, factor, tensors)
+        if not save:
+            return out, None
+        zs.append(z)
+        stats.append(st)
+        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, *acts,
+                mask, zd, xp if spec.proj_pool else None]
+        for s in stats:
+            flat.extend((*s, None))
+        flat.extend((*st_d, None) if st_d is not None else (None,) * 5)
+        flat.extend((None,) * self.n_gate)
+        return out, flat
+
+    def _epilogue(self, i: int, z: Tensor, st: Optional[BNStats], skip, st_d, factor,
+                  tensors):
+        """(y, mask) of epilogue i: batch statistics ``st`` (and ``st_d``), or in eval the
+        running ones, bound with the BN's tensors; the unbound op where z or the factor is
+        not what a binding takes (as ops.bind_bn_act_fwd)."""
+        if i != self.tail:
+            skip = factor = None
+        b = self.fwd[i]
+        if b is None or not b.fits(z, factor):
+            if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
+                return self._epilogue_unbound(i, z, st, skip, st_d, factor, tensors)
+            b = self.fwd[i] = self._bind_epilogue(i, z, st, skip, st_d, factor, tensors)
+        if st is None:
+            y, mask, _, _ = b(z, None, None, skip, None, None, factor)
+        else:
+            y, mask, _, _ = b(z, st.scale, st.shift, skip,
+                              None if st_d is None else st_d.scale,
+                              None if st_d is None else st_d.shift, factor)
+        return y, mask
+
+    def _norms(self, i: int, st, st_d, tensors):
+        """(Norm, skip Norm or None) of epilogue i, as function.normalise makes them."""
+        spec = self.spec
+        norm = Norm(st, self._params(i, tensors), spec.bns[i].eps)
+        if i == self.tail and self.proj:
+            return norm, Norm(st_d, self._params(self.k, tensors), spec.proj_bn.eps)
+        return norm, None
+
+    def _bind_epilogue(self, i, z, st, skip, st_d, factor, tensors):
+        norm, skip_norm = self._norms(i, st, st_d, tensors)
+        flat, flat_d = ops._flat_norm(norm), ops._flat_norm(skip_norm)
+        return self.impl.BoundFwd(z, *flat, skip, *flat_d, skip_norm is not None, factor,
+                                  True, i == self.tail and self.save, self.save)
+
+    def _epilogue_unbound(self, i, z, st, skip, st_d, factor, tensors):
+        norm, skip_norm = self._norms(i, st, st_d, tensors)
+        out = ops.run_bn_act_fwd(z, norm, skip, skip_norm, factor, True,
+                                 i == self.tail and self.save)
+        return out.y, out.mask
+
+    # ---------------------------------------------------------------- backward
+
+    def backward(self, ctx, dout: Tensor) -> tuple:
+        if self.spec.preact:
+            return self._backward_preact(ctx, dout)
+        from .function import _conv_backward, _pool_backward
+        spec, k, sl = self.spec, self.k, self.sl
+        t = ctx.saved_tensors
+        x, factor, wd = t[0], t[1], t[2]
+        W = t[4:4 + k]
+        zs = t[self.at_zs:self.at_zs + k]
+        acts = t[self.at_acts:self.at_acts + k - 1]
+        mask, zd, xp = t[self.at_mask:self.at_mask + 3]
+        b0 = self.at_bns
+        stats = [t[b0 + 5 * i:b0 + 5 * i + 4] for i in range(k + 1)]
+        needs = ctx.needs_input_grad[3:]
+        tensors = ctx.tensors
+        grads = [None] * sl.total
+        need_x = ctx.needs_input_grad[1]
+        z = zs[-1]
+        fmt = memory_format(z)
+        if dout.dtype != z.dtype or not dout.is_contiguous(memory_format=fmt):
+            dout = dout.to(z.dtype).contiguous(memory_format=fmt)
+        j = sl.bn[k - 1]
+        need = needs[j + _GAMMA] or needs[j + _BETA]
+        if self.proj:
+            jd = sl.bnd
+            need = need or needs[jd + _GAMMA] or needs[jd + _BETA]
+            sd = stats[k]
+            dz, dskip, sums = self._bwd(k - 1, BwdArgs(
+                dout, z, BNStats(*stats[k - 1]), mask, 2, factor, 2, zd, BNStats(*sd), True,
+                True, None), need)
+            _set_bn(grads, needs, tensors, jd, sums, 2)
+        else:
+            dz, dskip, sums = self._bwd(k - 1, BwdArgs(
+                dout, z, BNStats(*stats[k - 1]), mask, 2, factor, 1, None, None, True, False,
+                None), need)
+        _set_bn(grads, needs, tensors, j, sums, 0)
+        gin = None
+        for i in range(k - 1, -1, -1):
+            gin, gw = _conv_backward(dz, x if i == 0 else acts[i - 1], W[i], spec.convs[i],
+                                     i > 0 or need_x, needs[sl.w[i]])
+            if gw is not None and needs[sl.w[i]]:
+                grads[sl.w[i]] = gw
+            if i > 0:
+                j = sl.bn[i - 1]
+                dz, _, sums = self._bwd(i - 1, BwdArgs(
+                    gin, zs[i - 1], BNStats(*stats[i - 1]), None, 1, None, 0, None, None,
+                    True, False, None), needs[j + _GAMMA] or needs[j + _BETA])
+                _set_bn(grads, needs, tensors, j, sums, 0)
+        dx = gin if need_x else None
+        if self.proj:
+            gxp, gwd = _conv_backward(dskip, xp if spec.proj_pool else x, wd, spec.proj,
+                                      need_x, needs[sl.wd])
+            if gwd is not None and needs[sl.wd]:
+                grads[sl.wd] = gwd
+            if need_x:
+                dx = dx + _pool_backward(gxp, x, spec.proj_pool)
+        elif need_x:
+            dx = dx + dskip
+        return (None, dx, None, *grads)
+
+    def _bwd(self, i: int, a: BwdArgs, need_sums: bool):
+        """(dz, dskip, sums) of BN i's backward, through its binding where the call fits
+        it (else the unbound op, which converts what does not)."""
+        b = self.bwd[i]
+        if b is None:
+            if not ops._in_own_layout(a.z):
+                out = ops.run_bn_act_bwd(a, need_sums)
+                return out.dz, out.dskip, out.sums
+            b = self.bwd[i] = self.impl.BoundBwd(a.z, a.mask_mode, a.factor, a.skip_mode, a.zd,
+                                                 True, a.batch_stats_d, need_sums, a.dz_add)
+        if not b.fits(a.dy, a.z, a.factor, a.zd, a.dz_add):
+            out = ops.run_bn_act_bwd(a, need_sums)
+            return out.dz, out.dskip, out.sums
+        st, sd = a.stats, a.stats_d
+        return b(a.dy, a.z, st.mean, st.rstd, st.scale, st.shift, a.mask, a.factor, a.zd,
+                 None if sd is None else sd.mean, None if sd is None else sd.rstd,
+                 None if sd is None else sd.scale, a.dz_add)
+
+
+    # ---------------------------------------------------------------- pre-activation
+
+    def _forward_preact(self, x: Tensor, factor: Optional[Tensor], tensors):
+        """function._forward_preact, straight: p = relu(bn_0(x)), h_i = conv_i(...),
+        out = f_n * h_k + (x | conv_d(pool(p)))."""
+        from .function import _conv, _pool
+        spec, k, sl, save = self.spec, self.k, self.sl, self.save
+        st = self._stats(0, x, tensors, spec.bns[0]) if save else None
+        a0 = self._epilogue(0, x, st, None, None, None, tensors)[0]
+        zs, acts, stats = [], [a0], [st]
+        h = a0
+        for i in range(k):
+            z = _conv(h, tensors[sl.w[i]], spec.convs[i])
+            zs.append(z)
+            if i < k - 1:
+                st = self._stats(i + 1, z, tensors, spec.bns[i + 1]) if save else None
+                h = self._epilogue(i + 1, z, st, None, None, None, tensors)[0]
+                acts.append(h)
+                stats.append(st)
+        del h
+        xp = None
+        if self.proj:
+            xp = _pool(a0, spec.proj_pool)
+            skip = _conv(xp, tensors[sl.wd], spec.proj)
+        else:
+            skip = x
+        if factor is not None:
+            z = z * factor.to(z.dtype).view(-1, 1, 1, 1)
+        out = z + skip.contiguous(memory_format=memory_format(z))
+        if not save:
+            return out, None
+        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, *acts,
+                None, None, xp if spec.proj_pool else None]
+        for s in stats:
+            flat.extend((*s, None))
+        flat.extend((None,) * (5 + self.n_gate))
+        return out, flat
+
+    def _backward_preact(self, ctx, dout: Tensor) -> tuple:
+        """function._backward_preact, straight."""
+        from .function import _conv_backward, _pool_backward
+        spec, k, sl = self.spec, self.k, self.sl
+        t = ctx.saved_tensors
+        x, factor, wd = t[0], t[1], t[2]
+        W = t[4:4 + k]
+        zs = t[self.at_zs:self.at_zs + k]
+        acts = t[self.at_acts:self.at_acts + k]
+        xp = t[self.at_mask + 2]
+        b0 = self.at_bns
+        stats = [t[b0 + 5 * i:b0 + 5 * i + 4] for i in range(k)]
+        needs = ctx.needs_input_grad[3:]
+        tensors = ctx.tensors
+        grads = [None] * sl.total
+        need_x = ctx.needs_input_grad[1]
+        dout = dout.contiguous(memory_format=memory_format(zs[-1]))
+        dz = dout * factor.to(dout.dtype).view(-1, 1, 1, 1) if factor is not None else dout
+        j0 = sl.bn[0]
+        need_first = need_x or needs[j0 + _GAMMA] or needs[j0 + _BETA]
+        a0 = acts[0]
+        gin = None
+        for i in range(k - 1, -1, -1):
+            gin, gw = _conv_backward(dz, acts[i], W[i], spec.convs[i], i > 0 or need_first,
+                                     needs[sl.w[i]])
+            if gw is not None and needs[sl.w[i]]:
+                grads[sl.w[i]] = gw
+            if i > 0:
+                j = sl.bn[i]
+                dz, _, sums = self._bwd(i, BwdArgs(
+                    gin, zs[i - 1], BNStats(*stats[i]), None, 1, None, 0, None, None, True,
+                    False, None), needs[j + _GAMMA] or needs[j + _BETA])
+                _set_bn(grads, needs, tensors, j, sums, 0)
+        if self.proj:
+            gxp, gwd = _conv_backward(dout, xp if spec.proj_pool else a0, wd, spec.proj,
+                                      need_first, needs[sl.wd])
+            if gwd is not None and needs[sl.wd]:
+                grads[sl.wd] = gwd
+            if need_first:
+                gin = gin + _pool_backward(gxp, a0, spec.proj_pool)
+        dx = None
+        if need_first:
+            fmt = memory_format(x)
+            identity = None if self.proj else dout.contiguous(memory_format=fmt)
+            dx, _, sums = self._bwd(0, BwdArgs(
+                gin.contiguous(memory_format=fmt), x, BNStats(*stats[0]), None, 1, None, 0,
+                None, None, True, False, identity), needs[j0 + _GAMMA] or needs[j0 + _BETA])
+            _set_bn(grads, needs, tensors, j0, sums, 0)
+        return (None, dx if need_x else None, None, *grads)
+
+
+def _set_bn(grads: list, needs, tensors, j: int, sums: Optional[Tensor], row: int) -> None:
+    """dgamma and dbeta of the BN whose BNParams start at j: sums rows row+1 and row."""
+    if sums is None or not sums.numel():
+        return
+    for at, r in ((j + _GAMMA, row + 1), (j + _BETA, row)):
+        if needs[at]:
+            g, dt = sums[r], tensors[at].dtype
+            grads[at] = g if g.dtype == dt else g.to(dt)
