@@ -1,15 +1,16 @@
-"""The common post-activation block of a cached plan as straight-line code.
+"""The common blocks of a cached plan as straight-line code.
 
 function.py's forward and backward serve every block: pre- and post-activation, gates,
 anti-aliasing, recomputation, synchronised batch norm, unbound calls. Each BN call there
 passes through a few layers of records and checks, and on a small block those layers
 cost as much host time as the kernels' launches themselves (bench/bench_host.py). A
-module's cached plan for the block ResNets are made of (torchvision's BasicBlock and
-Bottleneck, timm's without a gate or aa: post-activation, identity or projection
-shortcut, every BN in one mode, no synchronisation, no recompute) runs here instead: the
-same ATen convolutions and the same bound launches (kernels.stats.BoundStats,
-kernels.epilogue.BoundFwd, kernels.backward.BoundBwd), called directly, in the order
-function._forward_post and function._backward_post call them, with the same saved state
+module's cached plan for the blocks ResNets are made of (torchvision's BasicBlock and
+Bottleneck, timm's without a gate or aa, pre-activation blocks: identity, projection or
+avg-down shortcut, every BN in one mode, no synchronisation, no recompute) runs here
+instead: the same ATen convolutions and the same bound launches
+(kernels.stats.BoundStats, kernels.epilogue.BoundFwd, kernels.backward.BoundBwd), called
+directly, in the order function.py's _forward_post/_preact and _backward_post/_preact
+call them, with the same saved state
 (FusedResidualBlock's flat layout, so that the batched backward and the generic backward
 can read it). ``program`` says whether a plan runs here; anything it does not cover, or
 a call its bindings do not fit, takes function.py's path.
@@ -44,8 +45,8 @@ def program(spec, x: Tensor, save: bool) -> Optional["StraightBlock"]:
 
 
 def covers(spec, impl, save: bool) -> bool:
-    """A post-activation block with a shortcut, no gate, aa, recompute or synchronised BN,
-    on a backend with bound launches, every BN in training (with autograd) or in eval
+    """A block with a shortcut and no gate, aa, recompute or synchronised BN, on a
+    backend with bound launches, every BN in training (with autograd) or in eval
     (without: the epilogue derives the statistics)."""
     if (spec.gate is not None or spec.aa is not None or spec.recompute
             or not spec.skip or spec.group is not None or getattr(impl, "BoundBwd", None) is None):
@@ -233,11 +234,8 @@ class StraightBlock:
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
-                j = sl.bn[i - 1]
-                dz, _, sums = self._bwd(i - 1, BwdArgs(
-                    gin, zs[i - 1], BNStats(*stats[i - 1]), None, 1, None, 0, None, None,
-                    True, False, None), needs[j + _GAMMA] or needs[j + _BETA])
-                _set_bn(grads, needs, tensors, j, sums, 0)
+                dz = self._inner(i - 1, gin, zs[i - 1], stats[i - 1], sl.bn[i - 1], needs,
+                                 tensors, grads)
         dx = gin if need_x else None
         if self.proj:
             gxp, gwd = _conv_backward(dskip, xp if spec.proj_pool else x, wd, spec.proj,
@@ -249,6 +247,16 @@ class StraightBlock:
         elif need_x:
             dx = dx + dskip
         return (None, dx, None, *grads)
+
+    def _inner(self, i: int, dy: Tensor, z: Tensor, stats, j: int, needs, tensors,
+               grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
+        """dz of relu(bn(z)) given dy (the ReLU recomputed from z), for the BN of bound
+        site i whose BNParams start at j in the flat list; sets its gamma and beta grads."""
+        dz, _, sums = self._bwd(i, BwdArgs(dy, z, BNStats(*stats), None, 1, None, 0, None,
+                                           None, True, False, dz_add),
+                                needs[j + _GAMMA] or needs[j + _BETA])
+        _set_bn(grads, needs, tensors, j, sums, 0)
+        return dz
 
     def _bwd(self, i: int, a: BwdArgs, need_sums: bool):
         """(dz, dskip, sums) of BN i's backward, through its binding where the call fits
@@ -335,11 +343,8 @@ class StraightBlock:
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
-                j = sl.bn[i]
-                dz, _, sums = self._bwd(i, BwdArgs(
-                    gin, zs[i - 1], BNStats(*stats[i]), None, 1, None, 0, None, None, True,
-                    False, None), needs[j + _GAMMA] or needs[j + _BETA])
-                _set_bn(grads, needs, tensors, j, sums, 0)
+                dz = self._inner(i, gin, zs[i - 1], stats[i], sl.bn[i], needs, tensors,
+                                 grads)
         if self.proj:
             gxp, gwd = _conv_backward(dout, xp if spec.proj_pool else a0, wd, spec.proj,
                                       need_first, needs[sl.wd])
@@ -351,10 +356,8 @@ class StraightBlock:
         if need_first:
             fmt = memory_format(x)
             identity = None if self.proj else dout.contiguous(memory_format=fmt)
-            dx, _, sums = self._bwd(0, BwdArgs(
-                gin.contiguous(memory_format=fmt), x, BNStats(*stats[0]), None, 1, None, 0,
-                None, None, True, False, identity), needs[j0 + _GAMMA] or needs[j0 + _BETA])
-            _set_bn(grads, needs, tensors, j0, sums, 0)
+            dx = self._inner(0, gin.contiguous(memory_format=fmt), x, stats[0], j0, needs,
+                             tensors, grads, identity)
         return (None, dx if need_x else None, None, *grads)
 
 
