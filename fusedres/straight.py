@@ -194,7 +194,7 @@ class StraightBlock:
     def backward(self, ctx, dout: Tensor) -> tuple:
         if self.spec.preact:
             return self._backward_preact(ctx, dout)
-        from .function import _conv_backward, _pool_backward
+        from .function import _conv_backward
         spec, k, sl = self.spec, self.k, self.sl
         t = ctx.saved_tensors
         x, factor, wd = t[0], t[1], t[2]
@@ -238,15 +238,24 @@ class StraightBlock:
                                  tensors, grads)
         dx = gin if need_x else None
         if self.proj:
-            gxp, gwd = _conv_backward(dskip, xp if spec.proj_pool else x, wd, spec.proj,
-                                      need_x, needs[sl.wd])
-            if gwd is not None and needs[sl.wd]:
-                grads[sl.wd] = gwd
+            gx = self._shortcut_backward(dskip, x, xp, wd, need_x, needs, grads)
             if need_x:
-                dx = dx + _pool_backward(gxp, x, spec.proj_pool)
+                dx = dx + gx
         elif need_x:
             dx = dx + dskip
         return (None, dx, None, *grads)
+
+    def _shortcut_backward(self, g: Tensor, src: Tensor, xp, wd, need_in: bool, needs,
+                           grads: list) -> Optional[Tensor]:
+        """The projection conv's backward from g: sets its weight's gradient, and returns
+        the gradient of its source (x, or a pre-activation block's p) through the pool."""
+        from .function import _conv_backward, _pool_backward
+        spec, at = self.spec, self.sl.wd
+        gxp, gwd = _conv_backward(g, xp if spec.proj_pool else src, wd, spec.proj, need_in,
+                                  needs[at])
+        if gwd is not None and needs[at]:
+            grads[at] = gwd
+        return _pool_backward(gxp, src, spec.proj_pool) if need_in else None
 
     def _inner(self, i: int, dy: Tensor, z: Tensor, stats, j: int, needs, tensors,
                grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
@@ -317,7 +326,7 @@ class StraightBlock:
 
     def _backward_preact(self, ctx, dout: Tensor) -> tuple:
         """function._backward_preact, straight."""
-        from .function import _conv_backward, _pool_backward
+        from .function import _conv_backward
         spec, k, sl = self.spec, self.k, self.sl
         t = ctx.saved_tensors
         x, factor, wd = t[0], t[1], t[2]
@@ -346,12 +355,9 @@ class StraightBlock:
                 dz = self._inner(i, gin, zs[i - 1], stats[i], sl.bn[i], needs, tensors,
                                  grads)
         if self.proj:
-            gxp, gwd = _conv_backward(dout, xp if spec.proj_pool else a0, wd, spec.proj,
-                                      need_first, needs[sl.wd])
-            if gwd is not None and needs[sl.wd]:
-                grads[sl.wd] = gwd
+            ga0 = self._shortcut_backward(dout, a0, xp, wd, need_first, needs, grads)
             if need_first:
-                gin = gin + _pool_backward(gxp, a0, spec.proj_pool)
+                gin = gin + ga0
         dx = None
         if need_first:
             fmt = memory_format(x)

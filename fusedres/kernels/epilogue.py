@@ -188,7 +188,7 @@ class BoundFwd:
         self.C = C
         self.mask_shape = mask_shape(z) if write_mask else None
         # (what each call's eval statistics are allocated like)
-        self.stats_like = template(z.device, (4, C), stats_dtype(z))
+        self.stats_like = template(dev, (4, C), sdt)
         skip_mode = 0 if skip is None else (2 if skip_norm else 1)
         self.skip_mode = skip_mode
         self.running = scale is None
@@ -250,7 +250,8 @@ class BoundFwd:
                 a[_SKIP_SCALE] = a[_SKIP_SHIFT] = a[_SKIP_STATS] = skip_stats
         a[_FACTOR] = branch_factor_arg(factor, z) if factor is not None else z
         if self.mask_shape is not None:
-            mask = a[_MASK] = torch.empty(self.mask_shape, device=self.device, dtype=torch.uint8)
+            mask = a[_MASK] = torch.empty(self.mask_shape, device=self.device,
+                                          dtype=torch.uint8)
         self.launch(*a)
         return y, mask, stats, skip_stats
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import struct
 import weakref
 from typing import Optional
@@ -175,34 +176,42 @@ def template(device: torch.device, shape: tuple, dtype: torch.dtype) -> Tensor:
 _WORKSPACES: dict = {}
 
 
-def workspace(role: str, device: torch.device, shape: tuple, dtype: torch.dtype) -> Tensor:
-    """A launch's partials buffer, kept per device, stream, shape and dtype instead of
-    allocated per launch: each launch reads its partials back within itself (the last
-    program merges them), and launches on one stream run one after another, so the next
-    launch that takes the buffer finds it free. Like the counters, one per stream keeps
-    launches that can run at once apart. ``role`` keeps the buffers one launch takes
-    apart (two of the same shape would otherwise be one)."""
+def workspace(role: str, device: torch.device, numel: int, dtype: torch.dtype) -> Tensor:
+    """A flat buffer of at least ``numel`` elements for a launch's partials, kept per role,
+    device, stream and dtype instead of allocated per launch: each launch reads its
+    partials back within itself (the last program merges them), and launches on one
+    stream run one after another, so the next launch that takes the buffer finds it free.
+    Like the counters, one per stream keeps launches that can run at once apart, and it
+    grows, never shrinks (so new input shapes cost no buffer each). ``role`` keeps the
+    buffers one launch takes apart."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (role, device, stream, shape, dtype)
+    key = (role, device, stream, dtype)
     buf = _WORKSPACES.get(key)
-    if buf is None:
-        buf = _WORKSPACES[key] = torch.empty(shape, device=device, dtype=dtype)
+    if buf is None or buf.numel() < numel:
+        # (the old buffer stays valid for a binding, or a queued launch, that holds it)
+        buf = _WORKSPACES[key] = torch.empty(numel, device=device, dtype=dtype)
     return buf
 
 
 class Workspace:
-    """``workspace(role, device, shape, dtype)`` for one binding, found once off CUDA and
-    on each call on CUDA, as Tickets does."""
-    __slots__ = ("role", "device", "shape", "dtype", "buf")
+    """One binding's ``shape`` view of ``workspace(role, ...)``: made once off CUDA, and
+    on CUDA remade only when the current stream's buffer is another (Tickets likewise)."""
+    __slots__ = ("role", "device", "shape", "numel", "dtype", "base", "view")
 
     def __init__(self, role: str, device: torch.device, shape: tuple, dtype: torch.dtype):
         self.role, self.device, self.shape, self.dtype = role, device, tuple(shape), dtype
-        self.buf = None if device.type == "cuda" else workspace(role, device, self.shape, dtype)
+        self.numel = math.prod(self.shape)
+        self.base = self.view = None
+        if device.type != "cuda":
+            self.get()
 
     def get(self) -> Tensor:
-        buf = self.buf
-        return buf if buf is not None else workspace(self.role, self.device, self.shape,
-                                                     self.dtype)
+        if self.view is not None and self.device.type != "cuda":
+            return self.view
+        buf = workspace(self.role, self.device, self.numel, self.dtype)
+        if buf is not self.base:
+            self.base, self.view = buf, buf[:self.numel].view(self.shape)
+        return self.view
 
 
 @functools.lru_cache(maxsize=64)
