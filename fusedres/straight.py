@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import function as F  # (function imports this module too: read at call time)
 from . import ops
 from .layout import memory_format
 from .records import BNParams, BNStats, BwdArgs, Norm
@@ -67,10 +68,9 @@ class StraightBlock:
     function.py's path do."""
 
     def __init__(self, spec, impl, save: bool):
-        from .function import slots  # (function imports this module)
         self.spec, self.impl, self.save = spec, impl, save
         self.k = k = len(spec.convs)
-        self.sl = slots(k)
+        self.sl = F.slots(k)
         self.stats: list = [None] * (k + 1)   # BoundStats per BN (the projection's last)
         self.fwd: list = [None] * k           # BoundFwd per epilogue
         self.bwd: list = [None] * k           # BoundBwd per BN backward
@@ -110,12 +110,11 @@ class StraightBlock:
         if self.spec.preact:
             return self._forward_preact(x, factor, tensors)
         spec, k, sl = self.spec, self.k, self.sl
-        from .function import _conv, _pool
         save = train = self.save  # (a plan it covers trains exactly when it saves)
         zs, acts, stats = [], [], []
         h = x
         for i in range(k - 1):
-            z = _conv(h, tensors[sl.w[i]], spec.convs[i])
+            z = F._conv(h, tensors[sl.w[i]], spec.convs[i])
             if train:
                 st = self._stats(i, z, tensors, spec.bns[i])
                 h = self._epilogue(i, z, st, None, None, None, tensors)[0]
@@ -124,13 +123,13 @@ class StraightBlock:
                 stats.append(st)
             else:
                 h = self._epilogue(i, z, None, None, None, None, tensors)[0]
-        z = _conv(h, tensors[sl.w[k - 1]], spec.convs[k - 1])
+        z = F._conv(h, tensors[sl.w[k - 1]], spec.convs[k - 1])
         del h
         st = self._stats(k - 1, z, tensors, spec.bns[k - 1]) if train else None
         zd = xp = st_d = None
         if self.proj:
-            xp = _pool(x, spec.proj_pool)
-            zd = _conv(xp, tensors[sl.wd], spec.proj)
+            xp = F._pool(x, spec.proj_pool)
+            zd = F._conv(xp, tensors[sl.wd], spec.proj)
             if train:
                 st_d = self._stats(k, zd, tensors, spec.proj_bn)
             skip = zd
@@ -194,7 +193,6 @@ class StraightBlock:
     def backward(self, ctx, dout: Tensor) -> tuple:
         if self.spec.preact:
             return self._backward_preact(ctx, dout)
-        from .function import _conv_backward
         spec, k, sl = self.spec, self.k, self.sl
         t = ctx.saved_tensors
         x, factor, wd = t[0], t[1], t[2]
@@ -229,7 +227,7 @@ class StraightBlock:
         _set_bn(grads, needs, tensors, j, sums, 0)
         gin = None
         for i in range(k - 1, -1, -1):
-            gin, gw = _conv_backward(dz, x if i == 0 else acts[i - 1], W[i], spec.convs[i],
+            gin, gw = F._conv_backward(dz, x if i == 0 else acts[i - 1], W[i], spec.convs[i],
                                      i > 0 or need_x, needs[sl.w[i]])
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
@@ -249,13 +247,12 @@ class StraightBlock:
                            grads: list) -> Optional[Tensor]:
         """The projection conv's backward from g: sets its weight's gradient, and returns
         the gradient of its source (x, or a pre-activation block's p) through the pool."""
-        from .function import _conv_backward, _pool_backward
         spec, at = self.spec, self.sl.wd
-        gxp, gwd = _conv_backward(g, xp if spec.proj_pool else src, wd, spec.proj, need_in,
+        gxp, gwd = F._conv_backward(g, xp if spec.proj_pool else src, wd, spec.proj, need_in,
                                   needs[at])
         if gwd is not None and needs[at]:
             grads[at] = gwd
-        return _pool_backward(gxp, src, spec.proj_pool) if need_in else None
+        return F._pool_backward(gxp, src, spec.proj_pool) if need_in else None
 
     def _inner(self, i: int, dy: Tensor, z: Tensor, stats, j: int, needs, tensors,
                grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
@@ -291,14 +288,13 @@ class StraightBlock:
     def _forward_preact(self, x: Tensor, factor: Optional[Tensor], tensors):
         """function._forward_preact, straight: p = relu(bn_0(x)), h_i = conv_i(...),
         out = f_n * h_k + (x | conv_d(pool(p)))."""
-        from .function import _conv, _pool
         spec, k, sl, save = self.spec, self.k, self.sl, self.save
         st = self._stats(0, x, tensors, spec.bns[0]) if save else None
         a0 = self._epilogue(0, x, st, None, None, None, tensors)[0]
         zs, acts, stats = [], [a0], [st]
         h = a0
         for i in range(k):
-            z = _conv(h, tensors[sl.w[i]], spec.convs[i])
+            z = F._conv(h, tensors[sl.w[i]], spec.convs[i])
             zs.append(z)
             if i < k - 1:
                 st = self._stats(i + 1, z, tensors, spec.bns[i + 1]) if save else None
@@ -308,8 +304,8 @@ class StraightBlock:
         del h
         xp = None
         if self.proj:
-            xp = _pool(a0, spec.proj_pool)
-            skip = _conv(xp, tensors[sl.wd], spec.proj)
+            xp = F._pool(a0, spec.proj_pool)
+            skip = F._conv(xp, tensors[sl.wd], spec.proj)
         else:
             skip = x
         if factor is not None:
@@ -326,7 +322,6 @@ class StraightBlock:
 
     def _backward_preact(self, ctx, dout: Tensor) -> tuple:
         """function._backward_preact, straight."""
-        from .function import _conv_backward
         spec, k, sl = self.spec, self.k, self.sl
         t = ctx.saved_tensors
         x, factor, wd = t[0], t[1], t[2]
@@ -347,7 +342,7 @@ class StraightBlock:
         a0 = acts[0]
         gin = None
         for i in range(k - 1, -1, -1):
-            gin, gw = _conv_backward(dz, acts[i], W[i], spec.convs[i], i > 0 or need_first,
+            gin, gw = F._conv_backward(dz, acts[i], W[i], spec.convs[i], i > 0 or need_first,
                                      needs[sl.w[i]])
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
