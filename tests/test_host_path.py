@@ -342,8 +342,9 @@ STRAIGHT_CASES = {
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("drop", [0.0, 0.5])
+# (drop path with channels_last, and neither: each of the two on every block, in half the
+# interpreter time of all four pairings)
+@pytest.mark.parametrize("drop, cl", [(0.0, False), (0.5, True)], ids=["nchw", "cl_drop"])
 @pytest.mark.parametrize("name", list(STRAIGHT_CASES))
 def test_straight_program_matches_the_general_path(name, drop, cl, monkeypatch):
     """A cached plan of the common block runs fusedres.straight, which must compute
@@ -361,7 +362,7 @@ def test_straight_program_matches_the_general_path(name, drop, cl, monkeypatch):
             block = fusedres.convert(copy.deepcopy(base)).to(memory_format=fmt)
             got = []
             with fusedres.use_backend("triton"):
-                for step in range(3):
+                for step in range(2):
                     torch.manual_seed(step)  # (the same drop-path draws on both paths)
                     xg = x.clone().requires_grad_(True)
                     out = block.train()(xg)
@@ -371,7 +372,7 @@ def test_straight_program_matches_the_general_path(name, drop, cl, monkeypatch):
                     got.append(block.eval()(x))
             got += [p.grad for p in block.parameters()] + list(block.buffers())
             if on:
-                assert len(calls) == 4, "the cached plan did not run the straight program"
+                assert len(calls) == 3, "the cached plan did not run the straight program"
             results.append(got)
     for a, b in zip(*results):
         assert torch.equal(a, b)
