@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from . import function as F  # (function imports this module too: read at call time)
@@ -228,7 +227,7 @@ class StraightBlock:
         gin = None
         for i in range(k - 1, -1, -1):
             gin, gw = F._conv_backward(dz, x if i == 0 else acts[i - 1], W[i], spec.convs[i],
-                                     i > 0 or need_x, needs[sl.w[i]])
+                                       i > 0 or need_x, needs[sl.w[i]])
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
@@ -248,8 +247,8 @@ class StraightBlock:
         """The projection conv's backward from g: sets its weight's gradient, and returns
         the gradient of its source (x, or a pre-activation block's p) through the pool."""
         spec, at = self.spec, self.sl.wd
-        gxp, gwd = F._conv_backward(g, xp if spec.proj_pool else src, wd, spec.proj, need_in,
-                                  needs[at])
+        gxp, gwd = F._conv_backward(g, xp if spec.proj_pool else src, wd, spec.proj,
+                                    need_in, needs[at])
         if gwd is not None and needs[at]:
             grads[at] = gwd
         return F._pool_backward(gxp, src, spec.proj_pool) if need_in else None
@@ -342,8 +341,8 @@ class StraightBlock:
         a0 = acts[0]
         gin = None
         for i in range(k - 1, -1, -1):
-            gin, gw = F._conv_backward(dz, acts[i], W[i], spec.convs[i], i > 0 or need_first,
-                                     needs[sl.w[i]])
+            gin, gw = F._conv_backward(dz, acts[i], W[i], spec.convs[i],
+                                       i > 0 or need_first, needs[sl.w[i]])
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
