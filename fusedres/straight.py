@@ -82,7 +82,9 @@ class StraightBlock:
         self.at_zs = 4 + k
         self.at_acts = self.at_zs + k
         self.at_mask = self.at_acts + (k if spec.preact else k - 1)
-        self.at_bns = self.at_mask + 3
+        self.at_bns = b0 = self.at_mask + 3
+        # each BN's (mean, rstd, scale, shift) in it, the projection BN's last
+        self.at_stats = tuple(slice(b0 + 5 * i, b0 + 5 * i + 4) for i in range(k + 1))
         self.n_gate = 7
 
     # ---------------------------------------------------------------- forward
@@ -199,8 +201,7 @@ class StraightBlock:
         zs = t[self.at_zs:self.at_zs + k]
         acts = t[self.at_acts:self.at_acts + k - 1]
         mask, zd, xp = t[self.at_mask:self.at_mask + 3]
-        b0 = self.at_bns
-        stats = [t[b0 + 5 * i:b0 + 5 * i + 4] for i in range(k + 1)]
+        stats = [t[at] for at in self.at_stats]
         needs = ctx.needs_input_grad[3:]
         tensors = ctx.tensors
         grads = [None] * sl.total
@@ -214,15 +215,12 @@ class StraightBlock:
         if self.proj:
             jd = sl.bnd
             need = need or needs[jd + _GAMMA] or needs[jd + _BETA]
-            sd = stats[k]
-            dz, dskip, sums = self._bwd(k - 1, BwdArgs(
-                dout, z, BNStats(*stats[k - 1]), mask, 2, factor, 2, zd, BNStats(*sd), True,
-                True, None), need)
+            dz, dskip, sums = self._bwd(k - 1, dout, z, stats[k - 1], mask, factor, zd,
+                                        stats[k], None, need)
             _set_bn(grads, needs, tensors, jd, sums, 2)
         else:
-            dz, dskip, sums = self._bwd(k - 1, BwdArgs(
-                dout, z, BNStats(*stats[k - 1]), mask, 2, factor, 1, None, None, True, False,
-                None), need)
+            dz, dskip, sums = self._bwd(k - 1, dout, z, stats[k - 1], mask, factor, None, None,
+                                        None, need)
         _set_bn(grads, needs, tensors, j, sums, 0)
         gin = None
         for i in range(k - 1, -1, -1):
@@ -237,9 +235,9 @@ class StraightBlock:
         if self.proj:
             gx = self._shortcut_backward(dskip, x, xp, wd, need_x, needs, grads)
             if need_x:
-                dx = dx + gx
+                dx = _add(dx, gx)
         elif need_x:
-            dx = dx + dskip
+            dx = _add(dx, dskip)
         return (None, dx, None, *grads)
 
     def _shortcut_backward(self, g: Tensor, src: Tensor, xp, wd, need_in: bool, needs,
@@ -257,30 +255,42 @@ class StraightBlock:
                grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
         """dz of relu(bn(z)) given dy (the ReLU recomputed from z), for the BN of bound
         site i whose BNParams start at j in the flat list; sets its gamma and beta grads."""
-        dz, _, sums = self._bwd(i, BwdArgs(dy, z, BNStats(*stats), None, 1, None, 0, None,
-                                           None, True, False, dz_add),
+        dz, _, sums = self._bwd(i, dy, z, stats, None, None, None, None, dz_add,
                                 needs[j + _GAMMA] or needs[j + _BETA])
         _set_bn(grads, needs, tensors, j, sums, 0)
         return dz
 
-    def _bwd(self, i: int, a: BwdArgs, need_sums: bool):
-        """(dz, dskip, sums) of BN i's backward, through its binding where the call fits
-        it (else the unbound op, which converts what does not)."""
+    def _bwd(self, i: int, dy: Tensor, z: Tensor, st, mask, factor, zd, st_d, dz_add,
+             need_sums: bool):
+        """(dz, dskip, sums) of BN i's backward through its binding; ``st`` and ``st_d``
+        the saved (mean, rstd, scale, shift) of the BN and of the projection BN (None
+        without one). The bound call takes them as they lie in the saved list: no record
+        is made on this path (a few microseconds a BN, the host benchmark's budget)."""
         b = self.bwd[i]
-        if b is None:
-            if not ops._in_own_layout(a.z):
-                out = ops.run_bn_act_bwd(a, need_sums)
-                return out.dz, out.dskip, out.sums
-            b = self.bwd[i] = self.impl.BoundBwd(a.z, a.mask_mode, a.factor, a.skip_mode, a.zd,
-                                                 True, a.batch_stats_d, need_sums, a.dz_add)
-        if not b.fits(a.dy, a.z, a.factor, a.zd, a.dz_add):
-            out = ops.run_bn_act_bwd(a, need_sums)
-            return out.dz, out.dskip, out.sums
-        st, sd = a.stats, a.stats_d
-        return b(a.dy, a.z, st.mean, st.rstd, st.scale, st.shift, a.mask, a.factor, a.zd,
-                 None if sd is None else sd.mean, None if sd is None else sd.rstd,
-                 None if sd is None else sd.scale, a.dz_add)
+        if b is None or not b.fits(dy, z, factor, zd, dz_add):
+            return self._bwd_other(i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums)
+        if st_d is None:
+            return b(dy, z, st[0], st[1], st[2], st[3], mask, factor, None, None, None, None,
+                     dz_add)
+        return b(dy, z, st[0], st[1], st[2], st[3], mask, factor, zd, st_d[0], st_d[1],
+                 st_d[2], dz_add)
 
+    def _bwd_other(self, i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums):
+        """_bwd's first call at site i (which binds it where z is in its own layout) and
+        any call its binding does not fit (the unbound op, which converts what does
+        not). The site's modes follow from what it saves: the packed ReLU bits only at a
+        post-activation block's last BN, whose skip is the projection BN's (st_d) or x."""
+        mask_mode = 2 if mask is not None else 1
+        skip_mode = 2 if st_d is not None else (1 if mask is not None else 0)
+        a = BwdArgs(dy, z, BNStats(*st), mask, mask_mode, factor, skip_mode, zd,
+                    None if st_d is None else BNStats(*st_d), True, st_d is not None, dz_add)
+        if self.bwd[i] is None and ops._in_own_layout(z):
+            b = self.bwd[i] = self.impl.BoundBwd(z, mask_mode, factor, skip_mode, zd, True,
+                                                 a.batch_stats_d, need_sums, dz_add)
+            if b.fits(dy, z, factor, zd, dz_add):
+                return self._bwd(i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums)
+        out = ops.run_bn_act_bwd(a, need_sums)
+        return out.dz, out.dskip, out.sums
 
     # ---------------------------------------------------------------- pre-activation
 
@@ -328,8 +338,7 @@ class StraightBlock:
         zs = t[self.at_zs:self.at_zs + k]
         acts = t[self.at_acts:self.at_acts + k]
         xp = t[self.at_mask + 2]
-        b0 = self.at_bns
-        stats = [t[b0 + 5 * i:b0 + 5 * i + 4] for i in range(k)]
+        stats = [t[at] for at in self.at_stats[:k]]
         needs = ctx.needs_input_grad[3:]
         tensors = ctx.tensors
         grads = [None] * sl.total
@@ -351,7 +360,7 @@ class StraightBlock:
         if self.proj:
             ga0 = self._shortcut_backward(dout, a0, xp, wd, need_first, needs, grads)
             if need_first:
-                gin = gin + ga0
+                gin = _add(gin, ga0)
         dx = None
         if need_first:
             fmt = memory_format(x)
@@ -365,7 +374,17 @@ def _set_bn(grads: list, needs, tensors, j: int, sums: Optional[Tensor], row: in
     """dgamma and dbeta of the BN whose BNParams start at j: sums rows row+1 and row."""
     if sums is None or not sums.numel():
         return
-    for at, r in ((j + _GAMMA, row + 1), (j + _BETA, row)):
-        if needs[at]:
-            g, dt = sums[r], tensors[at].dtype
-            grads[at] = g if g.dtype == dt else g.to(dt)
+    at = j + _GAMMA
+    if needs[at]:
+        g, dt = sums[row + 1], tensors[at].dtype
+        grads[at] = g if g.dtype == dt else g.to(dt)
+    at = j + _BETA
+    if needs[at]:
+        g, dt = sums[row], tensors[at].dtype
+        grads[at] = g if g.dtype == dt else g.to(dt)
+
+
+def _add(g: Tensor, h: Tensor) -> Tensor:
+    """g + h into g: g is a gradient the convolution's backward has just made, which
+    nothing else holds (one allocation fewer); out of place where the dtypes differ."""
+    return g.add_(h) if g.dtype == h.dtype else g + h
