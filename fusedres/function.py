@@ -141,10 +141,16 @@ class Saved:
         i += 3
         bns = []
         for _ in range(k + 1):
-            bns.append(SavedBN(BNStats(*t[i:i + 4]), t[i + 4]) if t[i] is not None else None)
+            bns.append(SavedBN(_saved_stats(t[i:i + 4]), t[i + 4]) if t[i] is not None else None)
             i += 5
         gate = SavedGate(*t[i:]) if spec.gate is not None else None
         return Saved(zs, bns[:k], acts, mask, zd, bns[k], xp, gate)
+
+
+def _saved_stats(t: tuple) -> BNStats:
+    """One BN's saved statistics: four [C] tensors, or (straight.py's form) bn_stats's
+    [4, C] rows whole in the first slot and None in the other three."""
+    return BNStats(*t) if t[1] is not None else BNStats(*t[0].unbind(0))
 
 
 class SavedGate(NamedTuple):

@@ -10,10 +10,11 @@ avg-down shortcut, every BN in one mode, no synchronisation, no recompute) runs 
 instead: the same ATen convolutions and the same bound launches
 (kernels.stats.BoundStats, kernels.epilogue.BoundFwd, kernels.backward.BoundBwd), called
 directly, in the order function.py's _forward_post/_preact and _backward_post/_preact
-call them, with the same saved state
-(FusedResidualBlock's flat layout, so that the batched backward and the generic backward
-can read it). ``program`` says whether a plan runs here; anything it does not cover, or
-a call its bindings do not fit, takes function.py's path.
+call them, with the same saved state (FusedResidualBlock's flat layout, so that the
+batched backward and the generic backward can read it), except that each BN's statistics
+are saved as bn_stats's [4, C] rows, which the bindings read whole (no [C] views made per
+call). ``program`` says whether a plan runs here; anything it does not cover, or a call
+its bindings do not fit, takes function.py's path.
 """
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ class StraightBlock:
         self.at_zs = 4 + k
         self.at_acts = self.at_zs + k
         self.at_mask = self.at_acts + (k if spec.preact else k - 1)
-        self.at_bns = b0 = self.at_mask + 3
-        # each BN's (mean, rstd, scale, shift) in it, the projection BN's last
-        self.at_stats = tuple(slice(b0 + 5 * i, b0 + 5 * i + 4) for i in range(k + 1))
+        # each BN's statistics in it, the projection BN's last: saved whole, the [4, C]
+        # rows bn_stats made, in the mean slot (Saved.unflat reads either form)
+        b0 = self.at_mask + 3
+        self.at_stats = tuple(b0 + 5 * i for i in range(k + 1))
         self.n_gate = 7
 
     # ---------------------------------------------------------------- forward
@@ -94,18 +96,19 @@ class StraightBlock:
         j = self.sl.bnd if i == self.k else self.sl.bn[i]
         return BNParams(*tensors[j:j + 5])
 
-    def _stats(self, i: int, z: Tensor, tensors, bs) -> BNStats:
-        """BN i's batch statistics (and its running statistics updated), through its
-        binding; the unbound op where z is not what a binding takes (as ops.bind_bn_stats)."""
+    def _stats(self, i: int, z: Tensor, tensors, bs) -> Tensor:
+        """BN i's batch statistics (and its running statistics updated) as bn_stats's
+        [4, C] rows (mean, rstd, scale, shift), which the bindings below read whole:
+        through its binding; the unbound op where z is not what a binding takes."""
         b = self.stats[i]
         if b is None or not b.fits(z):
             p = self._params(i, tensors)
             if not bs.update:
                 p = BNParams(p.weight, p.bias, None, None, None)
             if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
-                return ops.run_bn_stats(z, p, bs.momentum, bs.eps)
+                return self.impl.bn_stats(z, *p, bs.momentum, bs.eps)
             b = self.stats[i] = self.impl.BoundStats(z, *p, bs.momentum, bs.eps)
-        return BNStats(*b(z)[0].unbind(0))
+        return b(z)[0]
 
     def forward(self, x: Tensor, factor: Optional[Tensor], tensors):
         if self.spec.preact:
@@ -144,16 +147,16 @@ class StraightBlock:
         flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, *acts,
                 mask, zd, xp if spec.proj_pool else None]
         for s in stats:
-            flat.extend((*s, None))
-        flat.extend((*st_d, None) if st_d is not None else (None,) * 5)
+            flat.extend((s, None, None, None, None))
+        flat.extend((st_d, None, None, None, None))
         flat.extend((None,) * self.n_gate)
         return out, flat
 
-    def _epilogue(self, i: int, z: Tensor, st: Optional[BNStats], skip, st_d, factor,
+    def _epilogue(self, i: int, z: Tensor, st: Optional[Tensor], skip, st_d, factor,
                   tensors):
-        """(y, mask) of epilogue i: batch statistics ``st`` (and ``st_d``), or in eval the
-        running ones, bound with the BN's tensors; the unbound op where z or the factor is
-        not what a binding takes (as ops.bind_bn_act_fwd)."""
+        """(y, mask) of epilogue i: batch statistics ``st`` (and ``st_d``), [4, C] rows, or
+        in eval the running ones, bound with the BN's tensors; the unbound op where z or
+        the factor is not what a binding takes (as ops.bind_bn_act_fwd)."""
         if i != self.tail:
             skip = factor = None
         b = self.fwd[i]
@@ -161,27 +164,23 @@ class StraightBlock:
             if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
                 return self._epilogue_unbound(i, z, st, skip, st_d, factor, tensors)
             b = self.fwd[i] = self._bind_epilogue(i, z, st, skip, st_d, factor, tensors)
-        if st is None:
-            y, mask, _, _ = b(z, None, None, skip, None, None, factor)
-        else:
-            y, mask, _, _ = b(z, st.scale, st.shift, skip,
-                              None if st_d is None else st_d.scale,
-                              None if st_d is None else st_d.shift, factor)
+        y, mask, _, _ = b(z, st, st, skip, st_d, st_d, factor)  # (rows: stats_rows)
         return y, mask
 
     def _norms(self, i: int, st, st_d, tensors):
         """(Norm, skip Norm or None) of epilogue i, as function.normalise makes them."""
         spec = self.spec
-        norm = Norm(st, self._params(i, tensors), spec.bns[i].eps)
+        norm = Norm(_records(st), self._params(i, tensors), spec.bns[i].eps)
         if i == self.tail and self.proj:
-            return norm, Norm(st_d, self._params(self.k, tensors), spec.proj_bn.eps)
+            return norm, Norm(_records(st_d), self._params(self.k, tensors), spec.proj_bn.eps)
         return norm, None
 
     def _bind_epilogue(self, i, z, st, skip, st_d, factor, tensors):
         norm, skip_norm = self._norms(i, st, st_d, tensors)
         flat, flat_d = ops._flat_norm(norm), ops._flat_norm(skip_norm)
         return self.impl.BoundFwd(z, *flat, skip, *flat_d, skip_norm is not None, factor,
-                                  True, i == self.tail and self.save, self.save)
+                                  True, i == self.tail and self.save, self.save,
+                                  stats_rows=st is not None)
 
     def _epilogue_unbound(self, i, z, st, skip, st_d, factor, tensors):
         norm, skip_norm = self._norms(i, st, st_d, tensors)
@@ -201,7 +200,7 @@ class StraightBlock:
         zs = t[self.at_zs:self.at_zs + k]
         acts = t[self.at_acts:self.at_acts + k - 1]
         mask, zd, xp = t[self.at_mask:self.at_mask + 3]
-        stats = [t[at] for at in self.at_stats]
+        stats = [t[at] for at in self.at_stats]  # [4, C] each
         needs = ctx.needs_input_grad[3:]
         tensors = ctx.tensors
         grads = [None] * sl.total
@@ -260,20 +259,16 @@ class StraightBlock:
         _set_bn(grads, needs, tensors, j, sums, 0)
         return dz
 
-    def _bwd(self, i: int, dy: Tensor, z: Tensor, st, mask, factor, zd, st_d, dz_add,
-             need_sums: bool):
+    def _bwd(self, i: int, dy: Tensor, z: Tensor, st: Tensor, mask, factor, zd, st_d,
+             dz_add, need_sums: bool):
         """(dz, dskip, sums) of BN i's backward through its binding; ``st`` and ``st_d``
-        the saved (mean, rstd, scale, shift) of the BN and of the projection BN (None
-        without one). The bound call takes them as they lie in the saved list: no record
-        is made on this path (a few microseconds a BN, the host benchmark's budget)."""
+        the saved [4, C] statistics of the BN and of the projection BN (None without
+        one), which the binding reads whole (stats_rows): no record or view is made on
+        this path (a few microseconds a BN, the host benchmark's budget)."""
         b = self.bwd[i]
         if b is None or not b.fits(dy, z, factor, zd, dz_add):
             return self._bwd_other(i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums)
-        if st_d is None:
-            return b(dy, z, st[0], st[1], st[2], st[3], mask, factor, None, None, None, None,
-                     dz_add)
-        return b(dy, z, st[0], st[1], st[2], st[3], mask, factor, zd, st_d[0], st_d[1],
-                 st_d[2], dz_add)
+        return b(dy, z, st, st, st, st, mask, factor, zd, st_d, st_d, st_d, dz_add)
 
     def _bwd_other(self, i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums):
         """_bwd's first call at site i (which binds it where z is in its own layout) and
@@ -282,11 +277,12 @@ class StraightBlock:
         post-activation block's last BN, whose skip is the projection BN's (st_d) or x."""
         mask_mode = 2 if mask is not None else 1
         skip_mode = 2 if st_d is not None else (1 if mask is not None else 0)
-        a = BwdArgs(dy, z, BNStats(*st), mask, mask_mode, factor, skip_mode, zd,
-                    None if st_d is None else BNStats(*st_d), True, st_d is not None, dz_add)
+        a = BwdArgs(dy, z, _records(st), mask, mask_mode, factor, skip_mode, zd,
+                    _records(st_d), True, st_d is not None, dz_add)
         if self.bwd[i] is None and ops._in_own_layout(z):
             b = self.bwd[i] = self.impl.BoundBwd(z, mask_mode, factor, skip_mode, zd, True,
-                                                 a.batch_stats_d, need_sums, dz_add)
+                                                 a.batch_stats_d, need_sums, dz_add,
+                                                 stats_rows=True)
             if b.fits(dy, z, factor, zd, dz_add):
                 return self._bwd(i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums)
         out = ops.run_bn_act_bwd(a, need_sums)
@@ -325,7 +321,7 @@ class StraightBlock:
         flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, *acts,
                 None, None, xp if spec.proj_pool else None]
         for s in stats:
-            flat.extend((*s, None))
+            flat.extend((s, None, None, None, None))
         flat.extend((None,) * (5 + self.n_gate))
         return out, flat
 
@@ -368,6 +364,12 @@ class StraightBlock:
             dx = self._inner(0, gin.contiguous(memory_format=fmt), x, stats[0], j0, needs,
                              tensors, grads, identity)
         return (None, dx if need_x else None, None, *grads)
+
+
+def _records(rows: Optional[Tensor]) -> Optional[BNStats]:
+    """The BNStats record of [4, C] rows, for the ops that take records (a call no binding
+    fits, a first call)."""
+    return None if rows is None else BNStats(*rows.unbind(0))
 
 
 def _set_bn(grads: list, needs, tensors, j: int, sums: Optional[Tensor], row: int) -> None:

@@ -77,6 +77,8 @@ def test_report_of_what_runs(tmp_path):
     assert min(x["bytes_per_sm"] for x in held) >= cc.TARGET_BYTES
     assert all(x["depth"] >= 2 for x in held), "a held launch's loop is not pipelined"
     assert any(x["arch"] == 80 for x in rows)
+    # straight.py's bindings (the statistics as [4, C] rows) are built and held likewise
+    assert {"fwd_rows", "bwd_rows"} <= {x["pass_"] for x in held}
     # a gated (SE / ECA) site's launches are built too, every new flag among them
     gate = [x for x in rows if x["pass_"] in cc.GATE_PASSES]
     assert {x["pass_"] for x in gate} == set(cc.GATE_PASSES)

@@ -99,8 +99,9 @@ def test_train_step_launches(kind, c_in, planes, stride, bns, budget, cl):
     # one statistics launch and at most one epilogue per BN forward; two per BN backward
     assert fwd.launches <= 2 * bns
     others = collections.Counter(_others(fwd.ops)) + collections.Counter(_others(bwd.ops))
-    # at most the residual gradient's sum (and the pre-activation block's forward add)
-    assert set(others) <= {"add"} and others["add"] <= 2, dict(others)
+    # at most the residual gradient's sum (added into the convolution's gradient, in
+    # place) and the pre-activation block's forward add
+    assert set(others) <= {"add", "add_"} and others["add"] + others["add_"] <= 2, dict(others)
 
 
 @pytest.mark.parametrize("kind,c_in,planes,stride,bns,budget", CASES, ids=IDS)

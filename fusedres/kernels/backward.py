@@ -70,8 +70,8 @@ def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_
 def _bn_act_bwd_reduce_kernel(
     dy_ptr,          # [N, C, H, W] gradient of the epilogue's output
     z_ptr,           # [N, C, H, W] conv output the BN normalised
-    mean_ptr,        # [C] statistics the forward used
-    rstd_ptr,        # [C]
+    mean_ptr,        # [C] statistics the forward used (STATS_ROWS: its [4, C] rows, and
+    rstd_ptr,        # [C]                             rstd, scale, shift unread)
     scale_ptr,       # [C] gamma*rstd
     shift_ptr,       # [C]
     mask_ptr,        # packed ReLU bits (FROM_BITS)
@@ -88,6 +88,7 @@ def _bn_act_bwd_reduce_kernel(
     no_relu,         # mask_mode 0: no ReLU to go through
     has_factor,
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
+    STATS_ROWS: tl.constexpr,  # the statistics as bn_stats's [4, C] rows (mean_ptr, mean_d_ptr)
     SKIP_BN: tl.constexpr,     # also reduce for the projection BN
     PER_SAMPLE: tl.constexpr,  # per-(sample, channel) sums (a gate's A and B): other stores
     FACTOR_PER_CHANNEL: tl.constexpr,  # factor [N, C]: a vector load in the loop
@@ -108,6 +109,11 @@ def _bn_act_bwd_reduce_kernel(
     has_factor = has_factor != 0
     no_relu = no_relu != 0
 
+    if STATS_ROWS:  # rows (mean, rstd, scale, shift): no [C] view made per call on the host
+        rstd_ptr = mean_ptr + C
+        scale_ptr = mean_ptr + 2 * C
+        shift_ptr = mean_ptr + 3 * C
+        rstd_d_ptr = mean_d_ptr + C
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
@@ -184,7 +190,7 @@ def _bn_act_bwd_reduce_kernel(
 def _bn_act_bwd_apply_kernel(
     dy_ptr,          # [N, C, H, W]
     z_ptr,           # [N, C, H, W]
-    mean_ptr,        # [C]
+    mean_ptr,        # [C] (STATS_ROWS: the [4, C] rows, as in the reduction)
     rstd_ptr,        # [C]
     scale_ptr,       # [C] gamma*rstd
     shift_ptr,       # [C]
@@ -207,6 +213,7 @@ def _bn_act_bwd_apply_kernel(
     batch_stats,     # the main BN normalised with batch statistics
     batch_stats_d,   # the projection BN did
     FROM_BITS: tl.constexpr,   # mask_mode 2: ReLU from packed bits, else recomputed from z
+    STATS_ROWS: tl.constexpr,  # the statistics as bn_stats's [4, C] rows (mean_ptr, mean_d_ptr)
     SKIP: tl.constexpr,        # 0 none, 1 write dskip = g, 2 write dzd
     HAS_DZ_ADD: tl.constexpr,  # add dz_add to dz (a load in the loop: a constexpr)
     HAS_DU_ADD: tl.constexpr,  # add du_add[n, c] to g_b (likewise)
@@ -227,6 +234,12 @@ def _bn_act_bwd_apply_kernel(
     batch_stats = batch_stats != 0
     batch_stats_d = batch_stats_d != 0
 
+    if STATS_ROWS:
+        rstd_ptr = mean_ptr + C
+        scale_ptr = mean_ptr + 2 * C
+        shift_ptr = mean_ptr + 3 * C
+        rstd_d_ptr = mean_d_ptr + C
+        scale_d_ptr = mean_d_ptr + 2 * C
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC_DTYPE)[:, None]
@@ -284,7 +297,7 @@ class _ReducePass:
     ``per_sample``, for a non-empty z."""
 
     def __init__(self, z: Tensor, cl: bool, mask_mode: int, factor_dim: Optional[int],
-                 skip_mode: int, K: int, per_sample: bool = False):
+                 skip_mode: int, K: int, per_sample: bool = False, stats_rows: bool = False):
         N, C, HW = shape3(z)
         dev = self.device = z.device
         self.skip_bn = skip_mode == 2
@@ -306,7 +319,8 @@ class _ReducePass:
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, int(mask_mode == 0),
                         int(factor_dim is not None))
         self.launch = BoundLaunch(
-            _bn_act_bwd_reduce_kernel, cfg.grid, FROM_BITS=mask_mode == 2, SKIP_BN=self.skip_bn,
+            _bn_act_bwd_reduce_kernel, cfg.grid, FROM_BITS=mask_mode == 2,
+            STATS_ROWS=stats_rows, SKIP_BN=self.skip_bn,
             PER_SAMPLE=per_sample, FACTOR_PER_CHANNEL=factor_dim == 2, HW_VEC=cfg.HW_VEC,
             CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
             NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
@@ -329,7 +343,7 @@ class _ApplyPass:
 
     def __init__(self, z: Tensor, cl: bool, mask_mode: int, factor_dim: Optional[int],
                  skip_mode: int, batch_stats: bool, batch_stats_d: bool, has_dz_add: bool,
-                 has_du_add: bool):
+                 has_du_add: bool, stats_rows: bool = False):
         N, C, HW = shape3(z)
         dev = z.device
         self.fmt = torch.channels_last if cl else torch.contiguous_format
@@ -345,7 +359,8 @@ class _ApplyPass:
                         int(factor_dim is not None), int(batch_stats),
                         int(self.skip_bn and batch_stats_d))
         self.launch = BoundLaunch(
-            _bn_act_bwd_apply_kernel, cfg.grid, FROM_BITS=mask_mode == 2, SKIP=skip_mode,
+            _bn_act_bwd_apply_kernel, cfg.grid, FROM_BITS=mask_mode == 2,
+            STATS_ROWS=stats_rows, SKIP=skip_mode,
             HAS_DZ_ADD=has_dz_add, HAS_DU_ADD=has_du_add,
             FACTOR_PER_CHANNEL=factor_dim == 2, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
             BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, NUM_STAGES=cfg.num_stages,
@@ -380,11 +395,14 @@ class BoundBwd:
     """bn_act_bwd with what does not change from call to call decided once (which
     launches, their tiles, grids and flags, the count), for tensors already in z's layout
     and dtype (``fits`` says; bn_act_bwd converts first). bn_act_bwd binds one per call; a
-    cached block plan keeps one per call site (fusedres.ops.bind_bn_act_bwd)."""
+    cached block plan keeps one per call site (fusedres.ops.bind_bn_act_bwd).
+    ``stats_rows``: each call passes each BN's statistics as bn_stats's [4, C] tensor, in
+    all four of its arguments (mean_d's three likewise), not as [C] views."""
 
     def __init__(self, z: Tensor, mask_mode: int, factor: Optional[Tensor],
                  skip_mode: int, zd: Optional[Tensor], batch_stats: bool,
-                 batch_stats_d: bool, need_sums: bool, dz_add: Optional[Tensor]):
+                 batch_stats_d: bool, need_sums: bool, dz_add: Optional[Tensor],
+                 stats_rows: bool = False):
         N, C, HW = shape3(z)
         cl = is_channels_last(z)
         self.shape, self.stride, self.dtype = z.shape, z.stride(), z.dtype
@@ -398,11 +416,12 @@ class BoundBwd:
         self.sums_like = template(z.device, self.sums_shape, self.sdt)
         self.inv_count = 1.0 / max(N * HW, 1)
         self.empty = z.numel() == 0
-        self.reduce = (_ReducePass(z, cl, mask_mode, fdim, skip_mode, self.sums_shape[0])
+        self.reduce = (_ReducePass(z, cl, mask_mode, fdim, skip_mode, self.sums_shape[0],
+                                   stats_rows=stats_rows)
                        if reduce and not self.empty else None)
         self.need_zero_sums = reduce and self.empty
         self.apply = _ApplyPass(z, cl, mask_mode, fdim, skip_mode, batch_stats,
-                                batch_stats_d, dz_add is not None, False)
+                                batch_stats_d, dz_add is not None, False, stats_rows)
 
     def fits(self, dy: Tensor, z: Tensor, factor, zd, dz_add) -> bool:
         """The call's operands as this binding was made for, each in z's layout (dy in its

@@ -181,11 +181,38 @@ def _site_launches(site: Site, N: int, dtype: str, cl: bool, sms: int) -> dict:
             dy, z, vec(), vec(), vec(), vec(), mask, 2 if write_mask else 1, None, mode, zd,
             vec() if skip_norm else None, vec() if skip_norm else None,
             vec() if skip_norm else None, True, skip_norm, True, None))
+        passes.update(_rows_launches(z, dy, zd, skip, skip_norm, mask, mode, write_mask))
         if site.model == "resnet50" and site.name.endswith("bn3"):
             passes.update(_gate_launches(z, dy, zd, skip, skip_norm, mask, mode, p, nbt, vec))
         return passes
     finally:
         config.META_SMS = saved
+
+
+def _rows_launches(z, dy, zd, skip, skip_norm, mask, mode, write_mask) -> dict:
+    """The training epilogue and backward as straight.py binds them (the common blocks'
+    cached plans): each BN's statistics passed as bn_stats's [4, C] rows (STATS_ROWS)."""
+    import torch
+
+    from .backward import BoundBwd
+    from .epilogue import BoundFwd
+    C = z.shape[1]
+
+    def rows():
+        return torch.empty((4, C), device="meta", dtype=torch.float32)
+
+    def fwd():
+        st, sd = rows(), (rows() if skip_norm else None)
+        side = (sd, sd, None, None, None, None, 1e-5) if skip_norm else (None,) * 6 + (0.0,)
+        BoundFwd(z, st, st, None, None, None, None, 1e-5, skip, *side, skip_norm, None, True,
+                 write_mask, True, stats_rows=True)(z, st, st, skip, sd, sd, None)
+
+    def bwd():
+        st, sd = rows(), (rows() if skip_norm else None)
+        BoundBwd(z, 2 if write_mask else 1, None, mode, zd, True, skip_norm, True, None,
+                 stats_rows=True)(dy, z, st, st, st, st, mask, None, zd, sd, sd, sd, None)
+
+    return {"fwd_rows": _record(fwd), "bwd_rows": _record(bwd)}
 
 
 def _gate_launches(z, dy, zd, skip, skip_norm, mask, mode, p, nbt, vec) -> dict:

@@ -67,15 +67,15 @@ def norm_coefficients(c, cmask, write, scale_ptr, shift_ptr, weight_ptr, bias_pt
 def _bn_act_fwd_kernel(
     z_ptr,           # [N, C, H, W] conv output
     y_ptr,           # [N, C, H, W] out, same layout and dtype as z
-    scale_ptr,       # [C] fp32 gamma*rstd (batch statistics)
-    shift_ptr,       # [C] fp32 beta - mean*scale
+    scale_ptr,       # [C] fp32 gamma*rstd (batch statistics); STATS_ROWS: the [4, C] statistics
+    shift_ptr,       # [C] fp32 beta - mean*scale (STATS_ROWS: unread)
     weight_ptr,      # [C] gamma (running, has_weight)
     bias_ptr,        # [C] beta (running, has_bias)
     running_mean_ptr,  # [C] (running)
     running_var_ptr,   # [C] (running)
     stats_ptr,       # [4, C] out (running): mean, rstd, scale, shift it used
     skip_ptr,        # [N, C, H, W] residual (SKIP 1) or projection conv output (SKIP 2)
-    skip_scale_ptr,  # [C] the projection BN's, as above (SKIP 2)
+    skip_scale_ptr,  # [C] the projection BN's, as above (SKIP 2; STATS_ROWS likewise)
     skip_shift_ptr,
     skip_weight_ptr,
     skip_bias_ptr,
@@ -98,6 +98,7 @@ def _bn_act_fwd_kernel(
     do_relu,
     write_mask,
     SKIP: tl.constexpr,          # 0 none, 1 tensor, 2 normalised tensor
+    STATS_ROWS: tl.constexpr,    # batch statistics as bn_stats's [4, C] rows, not [C] tensors
     FACTOR_PER_CHANNEL: tl.constexpr,  # factor [N, C]: a vector load in the loop, not a scalar
     HW_VEC: tl.constexpr,      # a power of two dividing H*W, so NCHW rows load as vectors
     CHANNELS_LAST: tl.constexpr,
@@ -114,6 +115,11 @@ def _bn_act_fwd_kernel(
                                                       CHANNELS_LAST)
     cmask = c < C
     first = tl.program_id(0) == 0
+    if STATS_ROWS:  # rows (mean, rstd, scale, shift): no [C] view made per call on the host
+        shift_ptr = scale_ptr + 3 * C
+        scale_ptr = scale_ptr + 2 * C
+        skip_shift_ptr = skip_scale_ptr + 3 * C
+        skip_scale_ptr = skip_scale_ptr + 2 * C
     scale, shift = norm_coefficients(c, cmask, first, scale_ptr, shift_ptr, weight_ptr,
                                      bias_ptr, running_mean_ptr, running_var_ptr, stats_ptr,
                                      C, eps, running, has_weight, has_bias, ACC_DTYPE)
@@ -173,12 +179,15 @@ class BoundFwd:
 
     ``keep_stats`` False: the statistics an eval-mode call derives go to a buffer of the
     binding's own (nothing reads them: a forward without autograd) and are returned as None.
+    ``stats_rows``: each call passes the batch statistics as bn_stats's [4, C] tensor, in
+    both the scale and the shift argument (the kernel reads its rows), not as [C] views.
     """
 
     def __init__(self, z: Tensor, scale, shift, weight, bias, running_mean, running_var,
                  eps: float, skip, skip_scale, skip_shift, skip_weight, skip_bias,
                  skip_running_mean, skip_running_var, skip_eps: float, skip_norm: bool,
-                 factor, relu: bool, write_mask: bool, keep_stats: bool = True):
+                 factor, relu: bool, write_mask: bool, keep_stats: bool = True,
+                 stats_rows: bool = False):
         N, C, HW = shape3(z)
         cl = is_channels_last(z)
         self.fmt = torch.channels_last if cl else torch.contiguous_format
@@ -216,7 +225,8 @@ class BoundFwd:
                      N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps),
                      *flags, *side_flags, int(factor is not None), int(relu), int(write_mask)]
         self.launch = BoundLaunch(
-            _bn_act_fwd_kernel, cfg.grid, SKIP=skip_mode, FACTOR_PER_CHANNEL=self.factor_dim == 2,
+            _bn_act_fwd_kernel, cfg.grid, SKIP=skip_mode, STATS_ROWS=stats_rows,
+            FACTOR_PER_CHANNEL=self.factor_dim == 2,
             HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,
             NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(z), num_warps=cfg.num_warps)
 
