@@ -376,3 +376,28 @@ def test_straight_program_matches_the_general_path(name, drop, cl, monkeypatch):
             results.append(got)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
+@pytest.mark.parametrize("name", ["basic", "bottleneck_proj", "preact_proj"])
+def test_straight_saved_state_read_by_the_general_backward(name, monkeypatch):
+    """A straight-path forward saves each BN's statistics as [4, C] rows; a backward that
+    takes function.py's path instead (here: another backend by then) reads them too, and
+    gets the gradients a reference-backend step gets."""
+    torch.manual_seed(0)
+    base = randomize(STRAIGHT_CASES[name]()).double()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    grads = []
+    for fwd_backend in ("triton", "reference"):
+        with monkeypatch.context() as mp:
+            calls = _straight_runs(mp, True)
+            block = fusedres.convert(copy.deepcopy(base)).train()
+            xg = x.clone().requires_grad_(True)
+            with fusedres.use_backend(fwd_backend):
+                out = block(xg)
+            with fusedres.use_backend("reference"):
+                out.backward(torch.ones_like(out))
+            assert len(calls) == (1 if fwd_backend == "triton" else 0)
+            grads.append([out, xg.grad, *(p.grad for p in block.parameters())])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
