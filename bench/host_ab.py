@@ -10,9 +10,10 @@ differs; ``--real-convs`` runs them, and times eager PyTorch's block beside.
 
     TRITON_INTERPRET=1 python bench/host_ab.py [--base HEAD] [--steps 3000] [--real-convs]
 
-Only straight.py comes from ``--base``: the launchers and kernels are this tree's, so a
-revision whose straight.py calls them otherwise than this tree's does not run here. These
-are CPU host-time figures, not GPU measurements.
+Only StraightBlock's methods come from ``--base``: straight.py's module functions
+(``program``, ``covers``), the launchers and the kernels are this tree's, so a revision
+that changed those, or whose straight.py calls the launchers otherwise than this tree's,
+is not measured here. These are CPU host-time figures, not GPU measurements.
 """
 from __future__ import annotations
 

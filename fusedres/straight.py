@@ -273,10 +273,12 @@ class StraightBlock:
     def _bwd_other(self, i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums):
         """_bwd's first call at site i (which binds it where z is in its own layout) and
         any call its binding does not fit (the unbound op, which converts what does
-        not). The site's modes follow from what it saves: the packed ReLU bits only at a
-        post-activation block's last BN, whose skip is the projection BN's (st_d) or x."""
-        mask_mode = 2 if mask is not None else 1
-        skip_mode = 2 if st_d is not None else (1 if mask is not None else 0)
+        not). The site's modes: a post-activation block's last BN (the tail) reads the
+        packed ReLU bits and passes the gradient to the shortcut, the projection BN's
+        (st_d) or x's; every other BN recomputes its ReLU and has no shortcut."""
+        tail = i == self.tail
+        mask_mode = 2 if tail else 1
+        skip_mode = 2 if st_d is not None else (1 if tail else 0)
         a = BwdArgs(dy, z, _records(st), mask, mask_mode, factor, skip_mode, zd,
                     _records(st_d), True, st_d is not None, dz_add)
         if self.bwd[i] is None and ops._in_own_layout(z):

@@ -70,15 +70,15 @@ def _grad_through_relu(dy, z, scale, shift, mask_ptr, n, c, s, C, HW, valid, no_
 def _bn_act_bwd_reduce_kernel(
     dy_ptr,          # [N, C, H, W] gradient of the epilogue's output
     z_ptr,           # [N, C, H, W] conv output the BN normalised
-    mean_ptr,        # [C] statistics the forward used (STATS_ROWS: its [4, C] rows, and
-    rstd_ptr,        # [C]                             rstd, scale, shift unread)
+    mean_ptr,        # [C] statistics the forward used (STATS_ROWS: its [4, C] rows)
+    rstd_ptr,        # [C] (STATS_ROWS: unread, as scale_ptr and shift_ptr)
     scale_ptr,       # [C] gamma*rstd
     shift_ptr,       # [C]
     mask_ptr,        # packed ReLU bits (FROM_BITS)
     factor_ptr,      # [N] or [N, C] branch factor (has_factor; FACTOR_PER_CHANNEL)
     zd_ptr,          # [N, C, H, W] projection conv output (SKIP_BN)
-    mean_d_ptr,      # [C] (SKIP_BN)
-    rstd_d_ptr,      # [C] (SKIP_BN)
+    mean_d_ptr,      # [C] (SKIP_BN; STATS_ROWS: the projection BN's [4, C] rows)
+    rstd_d_ptr,      # [C] (SKIP_BN; STATS_ROWS: unread)
     part_ptr,        # scratch: partial sums g_b, g_b*xhat[, g, g*xhat_d]: [K, P, C], or
                      # [K, N, S, C] per sample and position block (PER_SAMPLE)
     counter_ptr,     # [channel blocks] int32 (PER_SAMPLE: [sample chunks x channel blocks]), zero; left zero
@@ -199,9 +199,9 @@ def _bn_act_bwd_apply_kernel(
     du_add_ptr,      # [N, C] statistics dtype, added to g_b before the BN backward (HAS_DU_ADD)
     sums_ptr,        # [K, C] sum g_b, g_b*xhat[, g, g*xhat_d] (batch_stats / batch_stats_d)
     zd_ptr,          # [N, C, H, W] (SKIP 2)
-    mean_d_ptr,      # [C] (SKIP 2)
-    rstd_d_ptr,      # [C] (SKIP 2)
-    scale_d_ptr,     # [C] (SKIP 2)
+    mean_d_ptr,      # [C] (SKIP 2; STATS_ROWS: the projection BN's [4, C] rows)
+    rstd_d_ptr,      # [C] (SKIP 2; STATS_ROWS: unread)
+    scale_d_ptr,     # [C] (SKIP 2; STATS_ROWS: unread)
     dz_add_ptr,      # [N, C, H, W] a gradient to add to dz (has_dz_add)
     dz_ptr,          # [N, C, H, W] out
     dskip_ptr,       # [N, C, H, W] out: g (SKIP 1) or dzd (SKIP 2)

@@ -191,12 +191,17 @@ def _site_launches(site: Site, N: int, dtype: str, cl: bool, sms: int) -> dict:
 
 def _rows_launches(z, dy, zd, skip, skip_norm, mask, mode, write_mask) -> dict:
     """The training epilogue and backward as straight.py binds them (the common blocks'
-    cached plans): each BN's statistics passed as bn_stats's [4, C] rows (STATS_ROWS)."""
+    cached plans): each BN's statistics passed as bn_stats's [4, C] rows (STATS_ROWS).
+    The last BN's also with a drop-path factor [N]; an inner BN's also with dz_add, as a
+    pre-activation block's first BN runs (its identity gradient added to dz)."""
     import torch
 
     from .backward import BoundBwd
     from .epilogue import BoundFwd
-    C = z.shape[1]
+    N, C = z.shape[:2]
+    # (the last BN's epilogue and backward take the factor; the others, dz_add)
+    extra = ([None, torch.empty(N, device="meta", dtype=z.dtype)] if write_mask else
+             [None, torch.empty_like(z)])
 
     def rows():
         return torch.empty((4, C), device="meta", dtype=torch.float32)
@@ -204,13 +209,17 @@ def _rows_launches(z, dy, zd, skip, skip_norm, mask, mode, write_mask) -> dict:
     def fwd():
         st, sd = rows(), (rows() if skip_norm else None)
         side = (sd, sd, None, None, None, None, 1e-5) if skip_norm else (None,) * 6 + (0.0,)
-        BoundFwd(z, st, st, None, None, None, None, 1e-5, skip, *side, skip_norm, None, True,
-                 write_mask, True, stats_rows=True)(z, st, st, skip, sd, sd, None)
+        for factor in extra if write_mask else [None]:
+            BoundFwd(z, st, st, None, None, None, None, 1e-5, skip, *side, skip_norm, factor,
+                     True, write_mask, True, stats_rows=True)(z, st, st, skip, sd, sd, factor)
 
     def bwd():
         st, sd = rows(), (rows() if skip_norm else None)
-        BoundBwd(z, 2 if write_mask else 1, None, mode, zd, True, skip_norm, True, None,
-                 stats_rows=True)(dy, z, st, st, st, st, mask, None, zd, sd, sd, sd, None)
+        for e in extra:
+            factor, dz_add = (e, None) if write_mask else (None, e)
+            BoundBwd(z, 2 if write_mask else 1, factor, mode, zd, True, skip_norm, True, dz_add,
+                     stats_rows=True)(dy, z, st, st, st, st, mask, factor, zd, sd, sd, sd,
+                                      dz_add)
 
     return {"fwd_rows": _record(fwd), "bwd_rows": _record(bwd)}
 
