@@ -115,11 +115,16 @@ class Launch(NamedTuple):
 def _record(fn_calls) -> list:
     """Run ``fn_calls()`` with every Triton launch recorded instead of run."""
     from triton.runtime.jit import JITFunction
+    from .launch import constexpr_params
     out = []
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup=False, **kwargs):
-        out.append(Launch(self.fn.__name__, (tuple(grid) + (1, 1))[:2], args, dict(kwargs)))
+        # (BoundLaunch passes the constexprs by position, last: recorded by name here)
+        names = constexpr_params(self.fn)
+        n = len(args) - len(names)
+        kwargs = dict(zip(names, args[n:]), **kwargs)
+        out.append(Launch(self.fn.__name__, (tuple(grid) + (1, 1))[:2], args[:n], kwargs))
 
     JITFunction.run = run
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import math
 import struct
 import weakref
@@ -64,18 +65,40 @@ class BoundLaunch:
     launches it, counted in LAUNCHES. It calls ``kernel.run``, what ``kernel[grid]``'s
     proxy calls, without making the proxy (Triton's API in 3.6 and 3.8 alike), and looks
     ``run`` up on each call, so a recorder patched onto the class (compile_check, the
-    host benchmark's stub) sees every launch."""
-    __slots__ = ("kernel", "name", "kwargs")
+    host benchmark's stub) sees every launch. The constexprs go by position after the
+    call's own arguments (each kernel declares them last): a keyword dict of a dozen of
+    them, built per launch and bound again by Triton, cost more host time than the rest
+    of the call (bench/bench_host.py). Only the launch options (num_warps, ...) are
+    keywords."""
+    __slots__ = ("kernel", "name", "consts", "grid", "options")
 
     def __init__(self, kernel, grid, **kwargs):
         if not config.INTERPRET:
             kwargs["maxnreg"] = MAX_REGISTERS
         self.kernel, self.name = kernel, kernel.fn.__name__
-        self.kwargs = dict(kwargs, grid=grid, warmup=False)
+        names = constexpr_params(kernel.fn)
+        missing = [n for n in names if n not in kwargs]
+        if missing:  # (every launcher passes each constexpr: none relies on a default)
+            raise TypeError(f"{self.name}: constexpr arguments {missing} not given")
+        self.consts = tuple(kwargs.pop(n) for n in names)
+        self.grid, self.options = grid, kwargs
 
     def __call__(self, *args):
         LAUNCHES[self.name] += 1
-        self.kernel.run(*args, **self.kwargs)
+        # (a call with too few or too many arguments leaves Triton's binder a parameter
+        # short or over, which it refuses: no count check here)
+        self.kernel.run(*(args + self.consts), grid=self.grid, warmup=False, **self.options)
+
+
+@functools.lru_cache(maxsize=None)
+def constexpr_params(fn) -> tuple:
+    """The constexpr parameters' names of a kernel function, which must come last."""
+    params = list(inspect.signature(fn).parameters.values())
+    flags = [p.annotation is tl.constexpr or "constexpr" in str(p.annotation) for p in params]
+    first = flags.index(True) if True in flags else len(flags)
+    if not all(flags[first:]):
+        raise TypeError(f"{fn.__name__}: a runtime parameter follows a constexpr one")
+    return tuple(p.name for p in params[first:])
 
 
 def in_layout(t: Optional[Tensor], channels_last: bool) -> Optional[Tensor]:
