@@ -527,7 +527,8 @@ class FusedResidualBlock(torch.autograd.Function):
             return prog.backward(ctx, dout)
         spec: BlockSpec = ctx.spec
         k = len(spec.convs)
-        x, factor, wd, filt, *rest = ctx.saved_tensors
+        x, factor, wd, filt, *rest = (ctx.saved_tensors if prog is None else
+                                      prog.saved_tensors(ctx.saved_tensors))
         W, saved = rest[:k], Saved.unflat(spec, tuple(rest[k:]))
         grads = _Grads(ctx, spec)
         need_x = ctx.needs_input_grad[1]

@@ -13,13 +13,17 @@ directly, in the order function.py's _forward_post/_preact and _backward_post/_p
 call them, with the same saved state (FusedResidualBlock's flat layout, so that the
 batched backward and the generic backward can read it), except that each BN's statistics
 are saved as bn_stats's [4, C] rows, which the bindings read whole (no [C] views made per
-call). ``program`` says whether a plan runs here; anything it does not cover, or a call
-its bindings do not fit, takes function.py's path.
+call), and that a training call records its convolutions with autograd (as eager PyTorch
+does) and its backward calls their nodes: the inner activations are then saved in those
+nodes, not in the flat list (StraightBlock.saved_tensors puts them back for the other
+backwards). ``program`` says whether a plan runs here; anything it does not cover, or a
+call its bindings do not fit, takes function.py's path.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import function as F  # (function imports this module too: read at call time)
@@ -116,9 +120,10 @@ class StraightBlock:
         spec, k, sl = self.spec, self.k, self.sl
         save = train = self.save  # (a plan it covers trains exactly when it saves)
         zs, acts, stats = [], [], []
+        conv = _conv_recorded if save else _conv
         h = x
         for i in range(k - 1):
-            z = F._conv(h, tensors[sl.w[i]], spec.convs[i])
+            z = conv(h, tensors[sl.w[i]], spec.convs[i], i > 0 or x.requires_grad)
             if train:
                 st = self._stats(i, z, tensors, spec.bns[i])
                 h = self._epilogue(i, z, st, None, None, None, tensors)[0]
@@ -127,13 +132,13 @@ class StraightBlock:
                 stats.append(st)
             else:
                 h = self._epilogue(i, z, None, None, None, None, tensors)[0]
-        z = F._conv(h, tensors[sl.w[k - 1]], spec.convs[k - 1])
+        z = conv(h, tensors[sl.w[k - 1]], spec.convs[k - 1], k > 1 or x.requires_grad)
         del h
         st = self._stats(k - 1, z, tensors, spec.bns[k - 1]) if train else None
         zd = xp = st_d = None
         if self.proj:
             xp = F._pool(x, spec.proj_pool)
-            zd = F._conv(xp, tensors[sl.wd], spec.proj)
+            zd = conv(xp, tensors[sl.wd], spec.proj, x.requires_grad)
             if train:
                 st_d = self._stats(k, zd, tensors, spec.proj_bn)
             skip = zd
@@ -144,8 +149,11 @@ class StraightBlock:
             return out, None
         zs.append(z)
         stats.append(st)
-        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, *acts,
-                mask, zd, xp if spec.proj_pool else None]
+        # (the activations and the pooled input are the recorded convolutions' inputs,
+        # which their nodes hold: saved there once, see saved_tensors)
+        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs,
+                *(None,) * len(acts), mask, zd,
+                xp if spec.proj_pool and zd.grad_fn is None else None]
         for s in stats:
             flat.extend((s, None, None, None, None))
         flat.extend((st_d, None, None, None, None))
@@ -188,6 +196,20 @@ class StraightBlock:
                                  i == self.tail and self.save)
         return out.y, out.mask
 
+    def saved_tensors(self, t: tuple) -> tuple:
+        """A ctx's saved tensors from forward as FusedResidualBlock's general path saves
+        them (for its backward, when that runs instead): with the activations, and a
+        post-activation block's pooled input, that the recorded convolutions hold."""
+        t = list(t)
+        zs = t[self.at_zs:self.at_zs + self.k]
+        first = 1 if self.spec.preact else 0  # (a pre-activation block saves a0 itself)
+        for i in range(1, self.k):
+            t[self.at_acts + first + i - 1] = zs[i].grad_fn._saved_input
+        zd = t[self.at_mask + 1]
+        if zd is not None and t[self.at_mask + 2] is None and self.spec.proj_pool:
+            t[self.at_mask + 2] = zd.grad_fn._saved_input
+        return tuple(t)
+
     # ---------------------------------------------------------------- backward
 
     def backward(self, ctx, dout: Tensor) -> tuple:
@@ -195,11 +217,9 @@ class StraightBlock:
             return self._backward_preact(ctx, dout)
         spec, k, sl = self.spec, self.k, self.sl
         t = ctx.saved_tensors
-        x, factor, wd = t[0], t[1], t[2]
-        W = t[4:4 + k]
+        x, factor = t[0], t[1]
         zs = t[self.at_zs:self.at_zs + k]
-        acts = t[self.at_acts:self.at_acts + k - 1]
-        mask, zd, xp = t[self.at_mask:self.at_mask + 3]
+        mask, zd = t[self.at_mask], t[self.at_mask + 1]
         stats = [t[at] for at in self.at_stats]  # [4, C] each
         needs = ctx.needs_input_grad[3:]
         tensors = ctx.tensors
@@ -223,8 +243,7 @@ class StraightBlock:
         _set_bn(grads, needs, tensors, j, sums, 0)
         gin = None
         for i in range(k - 1, -1, -1):
-            gin, gw = F._conv_backward(dz, x if i == 0 else acts[i - 1], W[i], spec.convs[i],
-                                       i > 0 or need_x, needs[sl.w[i]])
+            gin, gw = _conv_grads(zs[i], dz, spec.convs[i], i > 0 or need_x)
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
@@ -232,7 +251,10 @@ class StraightBlock:
                                  tensors, grads)
         dx = gin if need_x else None
         if self.proj:
-            gx = self._shortcut_backward(dskip, x, xp, wd, need_x, needs, grads)
+            gxp, gwd = _conv_grads(zd, dskip, spec.proj, need_x)
+            if gwd is not None and needs[sl.wd]:
+                grads[sl.wd] = gwd
+            gx = F._pool_backward(gxp, x, spec.proj_pool) if need_x else None
             if need_x:
                 dx = _add(dx, gx)
         elif need_x:
@@ -299,9 +321,14 @@ class StraightBlock:
         st = self._stats(0, x, tensors, spec.bns[0]) if save else None
         a0 = self._epilogue(0, x, st, None, None, None, tensors)[0]
         zs, acts, stats = [], [a0], [st]
+        conv = _conv_recorded if save else _conv
+        # (the first conv's input gradient feeds only BN 0's backward: x's and its own)
+        j0 = sl.bn[0]
+        need_first = save and (x.requires_grad or _requires_grad(tensors[j0 + _GAMMA])
+                               or _requires_grad(tensors[j0 + _BETA]))
         h = a0
         for i in range(k):
-            z = F._conv(h, tensors[sl.w[i]], spec.convs[i])
+            z = conv(h, tensors[sl.w[i]], spec.convs[i], i > 0 or need_first)
             zs.append(z)
             if i < k - 1:
                 st = self._stats(i + 1, z, tensors, spec.bns[i + 1]) if save else None
@@ -320,8 +347,10 @@ class StraightBlock:
         out = z + skip.contiguous(memory_format=memory_format(z))
         if not save:
             return out, None
-        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, *acts,
-                None, None, xp if spec.proj_pool else None]
+        # (the inner activations: the recorded convolutions' inputs, held by their nodes;
+        # a0 is the projection's source too, whose convolution is not recorded)
+        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, a0,
+                *(None,) * (len(acts) - 1), None, None, xp if spec.proj_pool else None]
         for s in stats:
             flat.extend((s, None, None, None, None))
         flat.extend((None,) * (5 + self.n_gate))
@@ -332,10 +361,8 @@ class StraightBlock:
         spec, k, sl = self.spec, self.k, self.sl
         t = ctx.saved_tensors
         x, factor, wd = t[0], t[1], t[2]
-        W = t[4:4 + k]
         zs = t[self.at_zs:self.at_zs + k]
-        acts = t[self.at_acts:self.at_acts + k]
-        xp = t[self.at_mask + 2]
+        a0, xp = t[self.at_acts], t[self.at_mask + 2]
         stats = [t[at] for at in self.at_stats[:k]]
         needs = ctx.needs_input_grad[3:]
         tensors = ctx.tensors
@@ -345,17 +372,15 @@ class StraightBlock:
         dz = dout * factor.to(dout.dtype).view(-1, 1, 1, 1) if factor is not None else dout
         j0 = sl.bn[0]
         need_first = need_x or needs[j0 + _GAMMA] or needs[j0 + _BETA]
-        a0 = acts[0]
         gin = None
         for i in range(k - 1, -1, -1):
-            gin, gw = F._conv_backward(dz, acts[i], W[i], spec.convs[i],
-                                       i > 0 or need_first, needs[sl.w[i]])
+            gin, gw = _conv_grads(zs[i], dz, spec.convs[i], i > 0 or need_first)
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
                 dz = self._inner(i, gin, zs[i - 1], stats[i], sl.bn[i], needs, tensors,
                                  grads)
-        if self.proj:
+        if self.proj:  # (its output is not saved: its convolution is not recorded)
             ga0 = self._shortcut_backward(dout, a0, xp, wd, need_first, needs, grads)
             if need_first:
                 gin = _add(gin, ga0)
@@ -366,6 +391,52 @@ class StraightBlock:
             dx = self._inner(0, gin.contiguous(memory_format=fmt), x, stats[0], j0, needs,
                              tensors, grads, identity)
         return (None, dx if need_x else None, None, *grads)
+
+
+def _conv(h: Tensor, w: Tensor, cs, need_in: bool) -> Tensor:
+    return F._conv(h, w, cs)
+
+
+def _conv_recorded(h: Tensor, w: Tensor, cs, need_in: bool) -> Tensor:
+    """F._conv(h, w, cs) recorded by autograd, in a training call: the output's grad_fn is
+    the convolution's own backward node, which the backward calls (see _conv_grads).
+    ``need_in``: h's gradient is wanted; h, one of this block's own tensors then (an
+    activation, a pooled input), is made a leaf that requires grad, so that the node
+    computes it (the node alone is called: nothing ever accumulates into h)."""
+    if h.dtype != w.dtype:  # (as F._conv: pre-activation, the first BN in x's dtype)
+        h = h.to(w.dtype)
+    if need_in and not h.requires_grad:
+        h.requires_grad_()
+    prev = torch.is_grad_enabled()
+    _set_grad(True)
+    try:
+        return torch.conv2d(h, w, None, cs.stride, cs.padding, cs.dilation, cs.groups)
+    finally:
+        _set_grad(prev)
+
+
+_set_grad = torch._C._set_grad_enabled
+
+
+def _conv_grads(z: Tensor, dz: Tensor, cs, need_in: bool) -> tuple:
+    """(input grad, weight grad) of the recorded convolution that made z, None where not
+    wanted: its autograd node called from here, in C++, the op autograd itself would run
+    (a Python call of aten.convolution_backward costs 15-20 us more in a microbenchmark,
+    three to four times that within a train step: bench/bench_host.py)."""
+    node = z.grad_fn
+    if node is None:  # (neither its input nor its weight requires grad)
+        return None, None
+    gin, gw, _ = node(dz)
+    if gin is None and need_in:
+        # torch.autograd.grad / backward(inputs=...): the node computes only what the
+        # engine will run, and the input's leaf is not in its graph (nor the weight's
+        # where that is not asked for)
+        gin = F._conv_backward(dz, node._saved_input, node._saved_weight, cs, True, False)[0]
+    return gin, gw
+
+
+def _requires_grad(t: Optional[Tensor]) -> bool:
+    return t is not None and t.requires_grad
 
 
 def _records(rows: Optional[Tensor]) -> Optional[BNStats]:

@@ -379,7 +379,8 @@ def test_straight_program_matches_the_general_path(name, drop, cl, monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
-@pytest.mark.parametrize("name", ["basic", "bottleneck_proj", "preact_proj"])
+@pytest.mark.parametrize("name", ["basic", "bottleneck_proj", "bottleneck_avg_down",
+                                  "preact_proj"])
 def test_straight_saved_state_read_by_the_general_backward(name, monkeypatch):
     """A straight-path forward saves each BN's statistics as [4, C] rows; a backward that
     takes function.py's path instead (here: another backend by then) reads them too, and
@@ -401,3 +402,34 @@ def test_straight_saved_state_read_by_the_general_backward(name, monkeypatch):
             grads.append([out, xg.grad, *(p.grad for p in block.parameters())])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
+@pytest.mark.parametrize("name", ["bottleneck_avg_down", "preact_proj"])
+def test_straight_program_under_autograd_grad_with_inputs(name, monkeypatch):
+    """The straight path's backward calls its recorded convolutions' autograd nodes,
+    which compute only what the engine's graph task will run: torch.autograd.grad of a
+    few inputs, and backward(inputs=...), must get the general path's gradients all the
+    same, bit for bit."""
+    torch.manual_seed(0)
+    base = randomize(STRAIGHT_CASES[name]())
+    x = torch.randn(3, 8, 5, 5)
+    results = []
+    for on in (True, False):
+        with monkeypatch.context() as mp:
+            calls = _straight_runs(mp, on)
+            block = fusedres.convert(copy.deepcopy(base)).train()
+            params = list(block.parameters())
+            xg = x.clone().requires_grad_(True)
+            torch.manual_seed(1)
+            out = block(xg)
+            gout = torch.randn_like(out)
+            got = [*torch.autograd.grad(out, [xg], gout)]
+            got += torch.autograd.grad(block(xg), [params[0], params[-1]], gout)
+            block(xg).backward(gout, inputs=[xg, params[1]])
+            got += [xg.grad, params[1].grad, *block.buffers()]
+            if on:
+                assert len(calls) == 3, "the cached plan did not run the straight program"
+            results.append(got)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
