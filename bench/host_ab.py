@@ -10,6 +10,11 @@ differs; ``--real-convs`` runs them, and times eager PyTorch's block beside.
 
     TRITON_INTERPRET=1 python bench/host_ab.py [--base HEAD] [--steps 3000] [--real-convs]
 
+A straight.py that records its convolutions with autograd in a training call (from
+ea582d2 on) calls torch.conv2d and the nodes itself, which the stubs (of function.py's
+``_conv`` and ``_conv_backward``) do not replace: compare such a revision with
+``--real-convs``.
+
 Only StraightBlock's methods come from ``--base``: straight.py's module functions
 (``program``, ``covers``), the launchers and the kernels are this tree's, so a revision
 that changed those, or whose straight.py calls the launchers otherwise than this tree's,
@@ -123,6 +128,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(1)
+    if not args.real_convs and hasattr(straight, "_conv_recorded"):
+        print("note: this tree's straight.py records its convolutions, which the stubs do "
+              "not replace: --real-convs compares it fairly", file=sys.stderr)
     base = _methods(_straight_at(args.base).StraightBlock)
     print(f"train step, median µs of {args.steps} each, straight.py at {args.base} against "
           f"this tree ({'real' if args.real_convs else 'stubbed'} convolutions, launches "
