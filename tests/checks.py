@@ -184,3 +184,18 @@ def assert_jvp_and_vmap_match(block, ref_block, x):
     torch.testing.assert_close(torch.func.vmap(block)(xs), torch.func.vmap(ref_block)(xs),
                                rtol=1e-9, atol=1e-9)
     return y_r
+
+
+def pairwise_layouts(rows, dtypes):
+    """``(*row, dtype, cl)`` parameters: every row with every dtype, channels_last
+    alternating over both, so that each pair of (row, dtype, layout) values occurs: pairwise
+    coverage of the three axes at half of their full product (a layout bug shows with any
+    dtype and row). Rows are tuples of parameter values, or single values."""
+    out = []
+    for i, row in enumerate(rows):
+        row = row if isinstance(row, tuple) else (row,)
+        for j, dtype in enumerate(dtypes):
+            cl = (i + j) % 2 == 1
+            name = "-".join(map(str, ("cl" if cl else "nchw", dtype, *row)))
+            out.append(pytest.param(*row, dtype, cl, id=name))
+    return out

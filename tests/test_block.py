@@ -41,12 +41,13 @@ def _x(N, c_in, H, W, device, dtype=torch.float32, cl=False):
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
 def test_block_train_steps(device, name, cl):
-    """Output, x.grad, every parameter grad, running stats and num_batches_tracked over 3
-    SGD steps, in the input's memory format."""
+    """Output, x.grad, every parameter grad, running stats and num_batches_tracked over 2
+    SGD steps (the second from updated weights and statistics), in the input's memory
+    format."""
     ref, fus, (c, H, W) = _pair(name, device)
     x = _x(3, c, H, W, device, cl=cl)
     with triton_ran("_bn_stats_partial_kernel", "_bn_act_fwd_kernel", "_bn_act_bwd_apply_kernel"):
-        y = compare_blocks(ref, fus, x, steps=3)
+        y = compare_blocks(ref, fus, x, steps=2)
     fmt = torch.channels_last if cl else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
 

@@ -391,9 +391,11 @@ def test_bf16_check_on_the_cpu_end_to_end():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's rounding: needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("seed", range(6))
+# three seeds (three models and inputs; seed 2, the one that failed before the allowance,
+# among them) and the end-to-end test above: each seed costs three interpreted resnet18 runs
+@pytest.mark.parametrize("seed", range(3))
 def test_bf16_check_passes_and_a_wrong_kernel_fails(seed):
-    """check_model's bf16 rows for seeds 0-5, the runs that do not involve the kernels
+    """check_model's bf16 rows for seeds 0-2, the runs that do not involve the kernels
     shared between the right fused model and the wrong one (the interpreter is slow)."""
     from fusedres.cli.models import load_model
     model, _ = load_model("resnet18", seed=seed)

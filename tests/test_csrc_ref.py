@@ -49,6 +49,19 @@ GPU_SHAPES = [(4, 16, 48, 48), (5, 64, 14, 14), (2, 24, 8, 8)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
+def _variant_cases(variants, dtypes):
+    """``(cl, dtype, variant, device)`` parameters. On the CPU (where the interpreted Triton
+    kernels are the slow part) every variant with every dtype, the layout alternating over
+    both, so each pair of (variant, dtype, layout) values occurs (pairwise coverage at half
+    the product); on a GPU the full product."""
+    cpu = [(cl, d, v, CPU) for i, v in enumerate(variants) for j, d in enumerate(dtypes)
+           for cl in [(i + j) % 2 == 1]]
+    gpu = [(cl, d, v, CUDA) for v in variants for d in dtypes for cl in (False, True)]
+    return [pytest.param(cl, d, v, dev.values[0], marks=dev.marks,
+                         id=f"{'cl' if cl else 'nchw'}-{d}-{v}-{dev.id}")
+            for cl, d, v, dev in cpu + gpu]
+
+
 def _toolchain_missing() -> str | None:
     from torch.utils import cpp_extension
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -489,10 +502,9 @@ def _bwd_case(shape, dtype, cl, device, variant, seed=0):
             rstd_d, scale_d, bs, bs_d, need_sums, dz_add)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", list(BWD_VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+# pairwise (variant, dtype, layout) on the CPU: see _variant_cases
+@pytest.mark.parametrize("cl,dtype,variant,device", _variant_cases(
+    list(BWD_VARIANTS), [torch.float32, torch.bfloat16, torch.float64]))
 def test_bn_act_bwd(request, device, variant, dtype, cl):
     ops, cuda_ops = _device_ops(request, device)
     shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
@@ -523,10 +535,9 @@ def _apply_args(case, mean_sums):
     return (*case[:16], case[17], mean_sums)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", list(SPLIT_VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+# pairwise (variant, dtype, layout) on the CPU: see _variant_cases
+@pytest.mark.parametrize("cl,dtype,variant,device", _variant_cases(
+    list(SPLIT_VARIANTS), [torch.float32, torch.float64]))
 def test_bn_act_bwd_reduce(request, device, variant, dtype, cl):
     ops, cuda_ops = _device_ops(request, device)
     shapes = SHAPES + (GPU_SHAPES if device == "cuda" else [])
@@ -537,10 +548,9 @@ def test_bn_act_bwd_reduce(request, device, variant, dtype, cl):
             check(f"{name} {shape} sums", mod.bn_act_bwd_reduce(*case[:13]), want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", list(SPLIT_VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+# pairwise (variant, dtype, layout) on the CPU: see _variant_cases
+@pytest.mark.parametrize("cl,dtype,variant,device", _variant_cases(
+    list(SPLIT_VARIANTS), [torch.float32, torch.bfloat16, torch.float64]))
 def test_bn_act_bwd_apply(request, device, variant, dtype, cl):
     """Given the reference's mean sums, so that only the elementwise pass is compared."""
     ops, cuda_ops = _device_ops(request, device)

@@ -20,7 +20,8 @@ from fusedres.cli import main as cli_main
 from fusedres.experiments import CifarNet, PlainBlock, lesioned, make_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = ["--depths", "8", "--epochs", "1", "--train-size", "32", "--test-size", "16",
+# 16 training images in one batch of 16: one step per network trains and saves all the same
+TINY = ["--depths", "8", "--epochs", "1", "--train-size", "16", "--test-size", "16",
         "--batch", "16", "--quiet"]
 
 
