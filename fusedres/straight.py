@@ -394,6 +394,7 @@ class StraightBlock:
 
 
 def _conv(h: Tensor, w: Tensor, cs, need_in: bool) -> Tensor:
+    """F._conv, unrecorded (no autograd: an eval call), in _conv_recorded's signature."""
     return F._conv(h, w, cs)
 
 

@@ -120,8 +120,9 @@ def _record(fn_calls) -> list:
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup=False, **kwargs):
-        # (BoundLaunch passes the constexprs by position, last: recorded by name here)
-        names = constexpr_params(self.fn)
+        # (BoundLaunch passes the constexprs by position, last: recorded by name here;
+        # a launch that names them passes none of those by position)
+        names = [n for n in constexpr_params(self.fn) if n not in kwargs]
         n = len(args) - len(names)
         kwargs = dict(zip(names, args[n:]), **kwargs)
         out.append(Launch(self.fn.__name__, (tuple(grid) + (1, 1))[:2], args[:n], kwargs))
