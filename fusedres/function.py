@@ -502,14 +502,8 @@ class FusedResidualBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x: Tensor, factor: Optional[Tensor], *tensors):
+        # (a cached plan of the common block runs straight.StraightResidualBlock instead)
         ctx.spec, ctx.tensors = spec, tensors
-        prog = straight.program(spec, x, True)
-        if prog is not None:  # a cached plan of the common block: the same, straight-line
-            ctx.straight = prog
-            out, flat = prog.forward(x, factor, tensors)
-            ctx.save_for_backward(*flat)
-            return out
-        ctx.straight = None
         out, saved = block_forward(spec, x, factor, tensors, save=True)
         # Only conv weights are saved: the running statistics change in place every
         # forward, and the BN backward needs nothing of its parameters but their dtype
@@ -522,13 +516,9 @@ class FusedResidualBlock(torch.autograd.Function):
     @staticmethod
     @parity.fused_backward(parity.describe_block, parity.block_backward_batched)
     def backward(ctx, dout: Tensor):
-        prog = ctx.straight
-        if prog is not None and ops.backend_of(dout) is prog.impl:
-            return prog.backward(ctx, dout)
         spec: BlockSpec = ctx.spec
         k = len(spec.convs)
-        x, factor, wd, filt, *rest = (ctx.saved_tensors if prog is None else
-                                      prog.saved_tensors(ctx.saved_tensors))
+        x, factor, wd, filt, *rest = ctx.saved_tensors
         W, saved = rest[:k], Saved.unflat(spec, tuple(rest[k:]))
         grads = _Grads(ctx, spec)
         need_x = ctx.needs_input_grad[1]

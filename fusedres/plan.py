@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import distributed, parity
+from . import distributed, parity, straight
 from .antialias import aa_filter, aa_out_hw, read_aa
 from .errors import ShapeError
 from .gate import GateParams, check_gate, gate_params, gate_sources, read_gate
@@ -316,6 +316,9 @@ def execute(plan: BlockPlan, x: Tensor, factor: Optional[Tensor], tensors) -> Te
         x = x.contiguous()
     if not plan.grad:
         return block_forward(plan.spec, x, factor, tensors, save=False)[0]
+    prog = straight.program(plan.spec, x, True)
+    if prog is not None:  # the common block: straight-line, its own autograd Function
+        return prog.apply(x, factor, tensors)
     return FusedResidualBlock.apply(plan.spec, x, factor, *tensors)
 
 

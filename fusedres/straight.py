@@ -21,13 +21,14 @@ call its bindings do not fit, takes function.py's path.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import function as F  # (function imports this module too: read at call time)
-from . import ops
+from . import ops, parity
 from .layout import memory_format
 from .records import BNParams, BNStats, BwdArgs, Norm
 
@@ -91,7 +92,47 @@ class StraightBlock:
         # rows bn_stats made, in the mean slot (Saved.unflat reads either form)
         b0 = self.at_mask + 3
         self.at_stats = tuple(b0 + 5 * i for i in range(k + 1))
+        self.get_stats = operator.itemgetter(*self.at_stats)  # (k + 1 >= 2: a tuple)
         self.n_gate = 7
+        # The flat list's slots that can take a gradient (conv weights, BN gammas and
+        # betas), in the order StraightResidualBlock takes them as inputs: the others
+        # (running statistics, stand-ins, absent parts) travel in one list beside them.
+        sl = self.sl
+        slots = [*sl.w, *(j + o for j in sl.bn for o in (_GAMMA, _BETA))]
+        if self.proj:
+            slots.append(sl.wd)
+            if not spec.preact:
+                slots += [sl.bnd + _GAMMA, sl.bnd + _BETA]
+        self.param_slots = tuple(slots)
+        self.pick = operator.itemgetter(*slots)  # (at least 2k + k slots: a tuple)
+        self._needs: dict = {}  # the Function's needs_input_grad -> needs per slot
+
+    def apply(self, x: Tensor, factor: Optional[Tensor], tensors) -> Tensor:
+        """The block call with autograd: StraightResidualBlock, given only the tensors
+        that can take a gradient (the others in ``tensors``, the plan's flat list)."""
+        return StraightResidualBlock.apply(self, tensors, x, factor, *self.pick(tensors))
+
+    def needs_per_slot(self, needs_input_grad: tuple) -> tuple:
+        """StraightResidualBlock's needs_input_grad as FusedResidualBlock's per flat slot
+        (False where no gradient is taken), made once per pattern."""
+        needs = self._needs.get(needs_input_grad)
+        if needs is None:
+            full = [False] * self.sl.total
+            for at, need in zip(self.param_slots, needs_input_grad[4:]):
+                full[at] = need
+            needs = self._needs[needs_input_grad] = tuple(full)
+        return needs
+
+    def full_ctx(self, ctx) -> "_FullCtx":
+        """ctx as FusedResidualBlock's general backward (and the batched one) reads it."""
+        return _FullCtx(ctx.spec, ctx.tensors, self.saved_tensors(ctx.saved_tensors),
+                        (False, ctx.needs_input_grad[2], False,
+                         *self.needs_per_slot(ctx.needs_input_grad)))
+
+    def compact(self, grads: tuple) -> tuple:
+        """FusedResidualBlock's gradients (None, dx, None, *per slot) as
+        StraightResidualBlock returns them."""
+        return (None, None, grads[1], None, *self.pick(grads[3:]))
 
     # ---------------------------------------------------------------- forward
 
@@ -105,13 +146,16 @@ class StraightBlock:
         [4, C] rows (mean, rstd, scale, shift), which the bindings below read whole:
         through its binding; the unbound op where z is not what a binding takes."""
         b = self.stats[i]
-        if b is None or not b.fits(z):
-            p = self._params(i, tensors)
-            if not bs.update:
-                p = BNParams(p.weight, p.bias, None, None, None)
-            if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
-                return self.impl.bn_stats(z, *p, bs.momentum, bs.eps)
-            b = self.stats[i] = self.impl.BoundStats(z, *p, bs.momentum, bs.eps)
+        if b is not None:
+            out = b.call_if_fits(z)
+            if out is not None:
+                return out
+        p = self._params(i, tensors)
+        if not bs.update:
+            p = BNParams(p.weight, p.bias, None, None, None)
+        if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
+            return self.impl.bn_stats(z, *p, bs.momentum, bs.eps)
+        b = self.stats[i] = self.impl.BoundStats(z, *p, bs.momentum, bs.eps)
         return b(z)[0]
 
     def forward(self, x: Tensor, factor: Optional[Tensor], tensors):
@@ -168,6 +212,10 @@ class StraightBlock:
         if i != self.tail:
             skip = factor = None
         b = self.fwd[i]
+        if b is not None and st is not None:  # (batch statistics: the [4, C] rows)
+            out = b.call_if_fits(z, st, skip, st_d, factor)
+            if out is not None:
+                return out
         if b is None or not b.fits(z, factor):
             if b is not None or z.numel() == 0 or not ops._in_own_layout(z):
                 return self._epilogue_unbound(i, z, st, skip, st_d, factor, tensors)
@@ -220,14 +268,15 @@ class StraightBlock:
         x, factor = t[0], t[1]
         zs = t[self.at_zs:self.at_zs + k]
         mask, zd = t[self.at_mask], t[self.at_mask + 1]
-        stats = [t[at] for at in self.at_stats]  # [4, C] each
-        needs = ctx.needs_input_grad[3:]
+        stats = self.get_stats(t)  # [4, C] each
+        needs = self.needs_per_slot(ctx.needs_input_grad)
         tensors = ctx.tensors
         grads = [None] * sl.total
-        need_x = ctx.needs_input_grad[1]
+        need_x = ctx.needs_input_grad[2]
         z = zs[-1]
-        fmt = memory_format(z)
-        if dout.dtype != z.dtype or not dout.is_contiguous(memory_format=fmt):
+        # (z is dense in its own layout: a dout with its strides is in that layout too)
+        if dout.dtype != z.dtype or dout.stride() != z.stride():
+            fmt = memory_format(z)
             dout = dout.to(z.dtype).contiguous(memory_format=fmt)
         j = sl.bn[k - 1]
         need = needs[j + _GAMMA] or needs[j + _BETA]
@@ -259,7 +308,7 @@ class StraightBlock:
                 dx = _add(dx, gx)
         elif need_x:
             dx = _add(dx, dskip)
-        return (None, dx, None, *grads)
+        return (None, None, dx, None, *self.pick(grads))
 
     def _shortcut_backward(self, g: Tensor, src: Tensor, xp, wd, need_in: bool, needs,
                            grads: list) -> Optional[Tensor]:
@@ -288,9 +337,11 @@ class StraightBlock:
         one), which the binding reads whole (stats_rows): no record or view is made on
         this path (a few microseconds a BN, the host benchmark's budget)."""
         b = self.bwd[i]
-        if b is None or not b.fits(dy, z, factor, zd, dz_add):
-            return self._bwd_other(i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums)
-        return b(dy, z, st, st, st, st, mask, factor, zd, st_d, st_d, st_d, dz_add)
+        if b is not None:
+            out = b.call_if_fits(dy, z, st, mask, factor, zd, st_d, dz_add)
+            if out is not None:
+                return out
+        return self._bwd_other(i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums)
 
     def _bwd_other(self, i, dy, z, st, mask, factor, zd, st_d, dz_add, need_sums):
         """_bwd's first call at site i (which binds it where z is in its own layout) and
@@ -364,10 +415,10 @@ class StraightBlock:
         zs = t[self.at_zs:self.at_zs + k]
         a0, xp = t[self.at_acts], t[self.at_mask + 2]
         stats = [t[at] for at in self.at_stats[:k]]
-        needs = ctx.needs_input_grad[3:]
+        needs = self.needs_per_slot(ctx.needs_input_grad)
         tensors = ctx.tensors
         grads = [None] * sl.total
-        need_x = ctx.needs_input_grad[1]
+        need_x = ctx.needs_input_grad[2]
         dout = dout.contiguous(memory_format=memory_format(zs[-1]))
         dz = dout * factor.to(dout.dtype).view(-1, 1, 1, 1) if factor is not None else dout
         j0 = sl.bn[0]
@@ -390,7 +441,51 @@ class StraightBlock:
             identity = None if self.proj else dout.contiguous(memory_format=fmt)
             dx = self._inner(0, gin.contiguous(memory_format=fmt), x, stats[0], j0, needs,
                              tensors, grads, identity)
-        return (None, dx if need_x else None, None, *grads)
+        return (None, None, dx if need_x else None, None, *self.pick(grads))
+
+
+class _FullCtx:
+    """What FusedResidualBlock's backward reads of its ctx, made from a
+    StraightResidualBlock's: the saved tensors in the general path's layout, and
+    needs_input_grad over (spec, x, factor, *the flat list)."""
+    __slots__ = ("spec", "tensors", "saved_tensors", "needs_input_grad")
+
+    def __init__(self, spec, tensors, saved_tensors, needs_input_grad):
+        self.spec, self.tensors = spec, tensors
+        self.saved_tensors, self.needs_input_grad = saved_tensors, needs_input_grad
+
+
+def _batched_backward(ctx, dout: Tensor) -> tuple:
+    prog = ctx.straight
+    return prog.compact(parity.block_backward_batched(prog.full_ctx(ctx), dout))
+
+
+class StraightResidualBlock(torch.autograd.Function):
+    """``StraightResidualBlock.apply(prog, tensors, x, factor, *params)``:
+    FusedResidualBlock for a cached plan that a StraightBlock ``prog`` runs, with the
+    same forward, saved state and gradients. Only ``params`` (prog.pick(tensors): the
+    conv weights and BN gammas and betas) are the Function's tensor inputs; ``tensors``,
+    the plan's flat list, passes beside them as one object. A Function's host cost grows
+    with its inputs and outputs (each a slot autograd checks in forward and backward),
+    and a block's flat list is mostly running statistics and absent parts."""
+
+    @staticmethod
+    def forward(ctx, prog: StraightBlock, tensors, x: Tensor, factor: Optional[Tensor],
+                *params):
+        ctx.spec, ctx.tensors, ctx.straight = prog.spec, tensors, prog
+        out, flat = prog.forward(x, factor, tensors)
+        ctx.save_for_backward(*flat)
+        return out
+
+    @staticmethod
+    @parity.fused_backward(parity.describe_block, _batched_backward)
+    def backward(ctx, dout: Tensor):
+        prog = ctx.straight
+        if ops.backend_of(dout) is prog.impl:
+            return prog.backward(ctx, dout)
+        # (another backend by now: function.py's general backward, which reads the same
+        # saved state once the recorded convolutions' inputs are put back)
+        return prog.compact(F.FusedResidualBlock.backward(prog.full_ctx(ctx), dout))
 
 
 def _conv(h: Tensor, w: Tensor, cs, need_in: bool) -> Tensor:

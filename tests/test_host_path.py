@@ -294,24 +294,27 @@ def test_bindings_keep_no_activation_alive():
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
     seen = []
 
-    def spy(cls, n_tensors):
-        real = cls.__call__
+    def spy(cls, name, n_tensors):
+        real = getattr(cls, name)
 
         def call(self, *args):
             seen.extend(weakref.ref(t) for t in args[:n_tensors])
             return real(self, *args)
         return real, call
-    patched = [(cls, *spy(cls, n)) for cls, n in
-               ((epilogue.BoundFwd, 1), (stats.BoundStats, 1), (backward.BoundBwd, 2))]
+    # (the straight path calls each binding's call_if_fits, the general path __call__)
+    patched = [(cls, name, *spy(cls, name, n)) for cls, name, n in
+               ((epilogue.BoundFwd, "__call__", 1), (stats.BoundStats, "__call__", 1),
+                (backward.BoundBwd, "__call__", 2), (epilogue.BoundFwd, "call_if_fits", 2),
+                (stats.BoundStats, "call_if_fits", 1), (backward.BoundBwd, "call_if_fits", 2))]
     with fusedres.use_backend("triton"):
-        for cls, _, call in patched:
-            cls.__call__ = call
+        for cls, name, _, call in patched:
+            setattr(cls, name, call)
         try:
             fused(x).sum().backward()
             fused(x).sum().backward()
         finally:
-            for cls, real, _ in patched:
-                cls.__call__ = real
+            for cls, name, real, _ in patched:
+                setattr(cls, name, real)
     gc.collect()
     assert len(seen) >= 2 * (4 + 3 + 2 * 3), "the bindings did not run"
     assert all(r() is None for r in seen), "a binding keeps a call's tensor alive"

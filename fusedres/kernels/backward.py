@@ -433,6 +433,44 @@ class BoundBwd:
                 and (zd.stride() == stride if self.has_zd else zd is None)
                 and (dz_add.stride() == stride if self.has_dz_add else dz_add is None))
 
+    def call_if_fits(self, dy, z, st, mask, factor, zd, st_d, dz_add):
+        """``__call__`` of a ``stats_rows`` binding in one Python call, with ``fits`` in
+        it: st (and st_d) the [4, C] statistics; None where the operands do not fit. A
+        cached block's backward calls this once per BN: each layer of calls between it
+        and the two launches cost a few microseconds of host time (bench/bench_host.py)."""
+        stride = self.stride
+        if not (z.shape == self.shape and z.stride() == stride and z.dtype == self.dtype
+                and dy.stride() == stride and dy.dtype == self.dtype
+                and (None if factor is None else factor.dim()) == self.factor_dim
+                and (zd.stride() == stride if self.has_zd else zd is None)
+                and (dz_add.stride() == stride if self.has_dz_add else dz_add is None)):
+            return None
+        if factor is not None:
+            factor = branch_factor_arg(factor, z)
+        fz = factor if factor is not None else z
+        red, app = self.reduce, self.apply
+        skip_bn = app.skip_bn
+        zd_, st_d_ = (zd, st_d) if skip_bn else (z, st)
+        sums = None
+        if red is not None:
+            sums = torch.empty_like(self.sums_like)
+            red.launch(dy, z, st, st, st, st, mask if red.use_mask else red.mask_standin, fz,
+                       zd_, st_d_, st_d_, red.part.get(), red.tickets.get(), sums,
+                       *red.scalars)
+        elif self.need_zero_sums:
+            sums = torch.zeros(self.sums_shape, device=self.device, dtype=self.sdt)
+        # (z is in the binding's own dense layout (fits): empty_like keeps its strides)
+        dz = torch.empty_like(z)
+        skip_mode = app.skip_mode
+        dskip = torch.empty_like(z) if skip_mode else None
+        if app.empty:
+            return dz, dskip, sums
+        app.launch(dy, z, st, st, st, st, mask if app.use_mask else app.mask_standin, fz, st,
+                   sums if sums is not None else st, zd_, st_d_, st_d_, st_d_,
+                   dz_add if dz_add is not None else z, dz, dskip if skip_mode else dz,
+                   self.inv_count, *app.scalars)
+        return dz, dskip, sums
+
     def __call__(self, dy, z, mean, rstd, scale, shift, mask, factor, zd, mean_d, rstd_d,
                  scale_d, dz_add):
         """(dz, dskip, sums); dskip None for skip_mode 0, sums None when not computed."""

@@ -203,6 +203,7 @@ class BoundFwd:
         self.running = scale is None
         self.skip_running = skip_mode == 2 and skip_scale is None
         self.keep_stats = keep_stats
+        self.batch_only = not self.running and not self.skip_running  # (what rows serves)
         # (eval without keep_stats: the derived statistics land in a buffer of our own)
         own = None if keep_stats else torch.empty((4, C), device=dev, dtype=sdt)
         # The template holds no tensor of this call (a plan keeps it for good): the batch
@@ -235,6 +236,37 @@ class BoundFwd:
         cached plan's guard against a call it did not foresee (it then takes bn_act_fwd)."""
         return (z.shape == self.shape and z.stride() == self.stride and z.dtype == self.dtype
                 and (None if factor is None else factor.dim()) == self.factor_dim)
+
+    def call_if_fits(self, z: Tensor, st, skip, st_d, factor) -> Optional[tuple]:
+        """(y, mask) of a ``stats_rows`` binding with batch statistics, st (and st_d) the
+        [4, C] rows, with ``fits`` in it: None where z or the factor does not fit. A cached
+        block's forward calls this once per epilogue (each layer of calls cost host time:
+        bench/bench_host.py)."""
+        if not (self.batch_only and z.shape == self.shape and z.stride() == self.stride
+                and z.dtype == self.dtype
+                and (None if factor is None else factor.dim()) == self.factor_dim):
+            return None
+        a = self.args.copy()  # (a copy: two threads may run one plan)
+        a[_Z] = z
+        # (z is in the binding's own dense layout: empty_like keeps its strides)
+        y = a[_Y] = torch.empty_like(z)
+        a[_SCALE] = a[_SHIFT] = st
+        skip_mode = self.skip_mode
+        if skip_mode:
+            fmt = self.fmt
+            a[_SKIP] = skip if skip.is_contiguous(memory_format=fmt) else \
+                skip.contiguous(memory_format=fmt)
+            if skip_mode == 2:
+                a[_SKIP_SCALE] = a[_SKIP_SHIFT] = st_d
+        else:
+            a[_SKIP] = z  # (a stand-in: never read)
+        a[_FACTOR] = branch_factor_arg(factor, z) if factor is not None else z
+        mask = None
+        if self.mask_shape is not None:
+            mask = a[_MASK] = torch.empty(self.mask_shape, device=self.device,
+                                          dtype=torch.uint8)
+        self.launch(*a)
+        return y, mask
 
     def __call__(self, z: Tensor, scale, shift, skip, skip_scale, skip_shift, factor):
         """(y, mask, stats, skip_stats), None for what this call does not make: the mask

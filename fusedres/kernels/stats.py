@@ -357,6 +357,20 @@ class BoundStats:
         """x as this binding was made for (a cached plan's guard)."""
         return x.shape == self.shape and x.stride() == self.stride and x.dtype == self.dtype
 
+    def call_if_fits(self, x: Tensor) -> Optional[Tensor]:
+        """``__call__(x)[0]`` of a binding without ``pool``, with ``fits`` in it: None where
+        x does not fit. A cached block's forward calls this once per BN (each layer of
+        calls cost host time: bench/bench_host.py)."""
+        if not (x.shape == self.shape and x.stride() == self.stride and x.dtype == self.dtype):
+            return None
+        out = torch.empty_like(self.out_like)
+        bn = self.bn_args.copy()
+        for k in self.out_at:
+            bn[k] = out
+        part = self.part.get()
+        self.launch(x, part, self.tickets.get(), *bn, part, part, *self.scalars)
+        return out
+
     def __call__(self, x: Tensor):
         """The [rows, C] output, and with ``pool`` the [N, C] means: (out, pooled)."""
         out = torch.empty_like(self.out_like)
