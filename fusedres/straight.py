@@ -395,7 +395,7 @@ class StraightBlock:
             skip = x
         if factor is not None:
             z = z * factor.to(z.dtype).view(-1, 1, 1, 1)
-        out = z + skip.contiguous(memory_format=memory_format(z))
+        out = z + _in_layout_of(skip, z)
         if not save:
             return out, None
         # (the inner activations: the recorded convolutions' inputs, held by their nodes;
@@ -419,7 +419,7 @@ class StraightBlock:
         tensors = ctx.tensors
         grads = [None] * sl.total
         need_x = ctx.needs_input_grad[2]
-        dout = dout.contiguous(memory_format=memory_format(zs[-1]))
+        dout = _in_layout_of(dout, zs[-1])
         dz = dout * factor.to(dout.dtype).view(-1, 1, 1, 1) if factor is not None else dout
         j0 = sl.bn[0]
         need_first = need_x or needs[j0 + _GAMMA] or needs[j0 + _BETA]
@@ -437,9 +437,8 @@ class StraightBlock:
                 gin = _add(gin, ga0)
         dx = None
         if need_first:
-            fmt = memory_format(x)
-            identity = None if self.proj else dout.contiguous(memory_format=fmt)
-            dx = self._inner(0, gin.contiguous(memory_format=fmt), x, stats[0], j0, needs,
+            identity = None if self.proj else _in_layout_of(dout, x)
+            dx = self._inner(0, _in_layout_of(gin, x), x, stats[0], j0, needs,
                              tensors, grads, identity)
         return (None, None, dx if need_x else None, None, *self.pick(grads))
 
@@ -529,6 +528,14 @@ def _conv_grads(z: Tensor, dz: Tensor, cs, need_in: bool) -> tuple:
         # where that is not asked for)
         gin = F._conv_backward(dz, node._saved_input, node._saved_weight, cs, True, False)[0]
     return gin, gw
+
+
+def _in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
+    """t (of ref's shape) in the layout of ref, which is dense in its own: t itself where
+    its strides are ref's (a stride check costs less than is_contiguous with a format)."""
+    if t.stride() == ref.stride():
+        return t
+    return t.contiguous(memory_format=memory_format(ref))
 
 
 def _requires_grad(t: Optional[Tensor]) -> bool:

@@ -252,10 +252,9 @@ class BoundFwd:
         y = a[_Y] = torch.empty_like(z)
         a[_SCALE] = a[_SHIFT] = st
         skip_mode = self.skip_mode
-        if skip_mode:
-            fmt = self.fmt
-            a[_SKIP] = skip if skip.is_contiguous(memory_format=fmt) else \
-                skip.contiguous(memory_format=fmt)
+        if skip_mode:  # (z's shape: with z's strides it is in z's layout)
+            a[_SKIP] = skip if skip.stride() == self.stride else \
+                skip.contiguous(memory_format=self.fmt)
             if skip_mode == 2:
                 a[_SKIP_SCALE] = a[_SKIP_SHIFT] = st_d
         else:

@@ -219,17 +219,18 @@ def workspace(role: str, device: torch.device, numel: int, dtype: torch.dtype) -
 class Workspace:
     """One binding's ``shape`` view of ``workspace(role, ...)``: made once off CUDA, and
     on CUDA remade only when the current stream's buffer is another (Tickets likewise)."""
-    __slots__ = ("role", "device", "shape", "numel", "dtype", "base", "view")
+    __slots__ = ("role", "device", "shape", "numel", "dtype", "base", "view", "fixed")
 
     def __init__(self, role: str, device: torch.device, shape: tuple, dtype: torch.dtype):
         self.role, self.device, self.shape, self.dtype = role, device, tuple(shape), dtype
         self.numel = math.prod(self.shape)
         self.base = self.view = None
-        if device.type != "cuda":
+        self.fixed = device.type != "cuda"  # (no streams: the one view, made now)
+        if self.fixed:
             self.get()
 
     def get(self) -> Tensor:
-        if self.view is not None and self.device.type != "cuda":
+        if self.fixed and self.view is not None:
             return self.view
         buf = workspace(self.role, self.device, self.numel, self.dtype)
         if buf is not self.base:
