@@ -433,7 +433,8 @@ class _Hit:
     norm_facts: list
     dicts: tuple            # with ``keys``: where each tensor of ``held`` is read from
     keys: tuple
-    held: tuple             # the tensors as read, by identity (None where absent)
+    held: tuple             # the tensors as read, by identity (None where a module holds
+    #                         none; a part the block lacks is not here: ``modules`` sees it)
     present: tuple          # those that are not None
     attrs: list             # their _ATTRS
     tensors: list           # the flat list execute() takes
@@ -493,9 +494,6 @@ def _norm_sources(nm: nn.Module) -> list:
     return [(b, "weight"), (b, "bias"), (b, "running_mean"), (b, "running_var"), None]
 
 
-_EMPTY: dict = {}
-
-
 def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
               tensors) -> Optional[_Hit]:
     """The fast check for this call's plan, or None where the flat list is not simply
@@ -512,7 +510,9 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
         held.append(cur)
     # the parts of the flat list the plan filters (running statistics a BN does not read)
     # are checked by identity like the rest, and stay as the plan has them
-    srcs = [s if s is not None else (_EMPTY, "") for s in sources]
+    # (a slot with no source, an absent part, is None on every call: nothing to check)
+    kept = [(s, t) for s, t in zip(sources, held) if s is not None]
+    srcs = [s for s, _ in kept]
     present = tuple(t for t in held if t is not None)
     layout = block._fused_layout
     names = tuple(n for n in (*layout.convs, *layout.norms, "downsample",
@@ -524,7 +524,8 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
                 names, tuple(mods.get(n) for n in names), _children(mods.get("downsample")),
                 tuple(all_norms),
                 list(map(_norm_state, all_norms)), tuple(d for d, _ in srcs),
-                tuple(n for _, n in srcs), tuple(held), present, list(map(_ATTRS, present)),
+                tuple(n for _, n in srcs), tuple(t for _, t in kept), present,
+                list(map(_ATTRS, present)),
                 list(tensors), layout.gate if gate_mod is not None else None,
                 _children(gate_mod), x.device.type)
 
