@@ -146,7 +146,7 @@ class _FusedMixin:
     def _drop_factor(self, x: Tensor) -> Optional[Tensor]:
         name = self._fused_layout.drop_path
         dp = getattr(self, name, None) if name else None
-        if dp is None or isinstance(dp, nn.Identity):
+        if dp is None or dp == 0.0 or isinstance(dp, nn.Identity):  # (no drop: most blocks)
             return None
         if isinstance(dp, (int, float)):
             return drop_path_factor(x, float(dp), self.training)

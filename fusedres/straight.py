@@ -51,10 +51,10 @@ def program(spec, x: Tensor, save: bool) -> Optional["StraightBlock"]:
 
 
 def covers(spec, impl, save: bool) -> bool:
-    """A block with a shortcut and no gate, aa, recompute or synchronised BN, on a
-    backend with bound launches, every BN in training (with autograd) or in eval
-    (without: the epilogue derives the statistics)."""
-    if (spec.gate is not None or spec.aa is not None or spec.recompute
+    """A block of two or more convolutions with a shortcut and no gate, aa, recompute or
+    synchronised BN, on a backend with bound launches, every BN in training (with
+    autograd) or in eval (without: the epilogue derives the statistics)."""
+    if (len(spec.convs) < 2 or spec.gate is not None or spec.aa is not None or spec.recompute
             or not spec.skip or spec.group is not None or getattr(impl, "BoundBwd", None) is None):
         return False
     # (a pre-activation block's projection has no BN of its own)
@@ -94,6 +94,11 @@ class StraightBlock:
         self.at_stats = tuple(b0 + 5 * i for i in range(k + 1))
         self.get_stats = operator.itemgetter(*self.at_stats)  # (k + 1 >= 2: a tuple)
         self.n_gate = 7
+        self.no_gate = (None,) * self.n_gate
+        self.get_w = operator.itemgetter(*self.sl.w)  # (k >= 2 convs: a tuple)
+        # the inner activations' slots (a pre-activation block's a0 among them), which
+        # the recorded convolutions' nodes hold instead
+        self.no_acts = (None,) * (k if spec.preact else k - 1)
         # The flat list's slots that can take a gradient (conv weights, BN gammas and
         # betas), in the order StraightResidualBlock takes them as inputs: the others
         # (running statistics, stand-ins, absent parts) travel in one list beside them.
@@ -195,13 +200,12 @@ class StraightBlock:
         stats.append(st)
         # (the activations and the pooled input are the recorded convolutions' inputs,
         # which their nodes hold: saved there once, see saved_tensors)
-        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs,
-                *(None,) * len(acts), mask, zd,
-                xp if spec.proj_pool and zd.grad_fn is None else None]
+        flat = [x, factor, tensors[sl.wd], None, *self.get_w(tensors), *zs,
+                *self.no_acts, mask, zd, xp if spec.proj_pool and zd.grad_fn is None else None]
         for s in stats:
-            flat.extend((s, None, None, None, None))
-        flat.extend((st_d, None, None, None, None))
-        flat.extend((None,) * self.n_gate)
+            flat += (s, None, None, None, None)
+        flat += (st_d, None, None, None, None)
+        flat += self.no_gate
         return out, flat
 
     def _epilogue(self, i: int, z: Tensor, st: Optional[Tensor], skip, st_d, factor,
@@ -325,10 +329,14 @@ class StraightBlock:
                grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
         """dz of relu(bn(z)) given dy (the ReLU recomputed from z), for the BN of bound
         site i whose BNParams start at j in the flat list; sets its gamma and beta grads."""
-        dz, _, sums = self._bwd(i, dy, z, stats, None, None, None, None, dz_add,
-                                needs[j + _GAMMA] or needs[j + _BETA])
-        _set_bn(grads, needs, tensors, j, sums, 0)
-        return dz
+        b = self.bwd[i]
+        out = (b.call_if_fits(dy, z, stats, None, None, None, None, dz_add)
+               if b is not None else None)  # (_bwd, inline: the usual call)
+        if out is None:
+            out = self._bwd_other(i, dy, z, stats, None, None, None, None, dz_add,
+                                  needs[j + _GAMMA] or needs[j + _BETA])
+        _set_bn(grads, needs, tensors, j, out[2], 0)
+        return out[0]
 
     def _bwd(self, i: int, dy: Tensor, z: Tensor, st: Tensor, mask, factor, zd, st_d,
              dz_add, need_sums: bool):
@@ -400,11 +408,12 @@ class StraightBlock:
             return out, None
         # (the inner activations: the recorded convolutions' inputs, held by their nodes;
         # a0 is the projection's source too, whose convolution is not recorded)
-        flat = [x, factor, tensors[sl.wd], None, *(tensors[i] for i in sl.w), *zs, a0,
-                *(None,) * (len(acts) - 1), None, None, xp if spec.proj_pool else None]
+        flat = [x, factor, tensors[sl.wd], None, *self.get_w(tensors), *zs, a0,
+                *self.no_acts[1:], None, None, xp if spec.proj_pool else None]
         for s in stats:
-            flat.extend((s, None, None, None, None))
-        flat.extend((None,) * (5 + self.n_gate))
+            flat += (s, None, None, None, None)
+        flat += (None,) * 5
+        flat += self.no_gate
         return out, flat
 
     def _backward_preact(self, ctx, dout: Tensor) -> tuple:
