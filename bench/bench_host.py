@@ -9,9 +9,13 @@ convolutions. Each figure is the median of many calls in one process, fused and 
 interleaved in the same run; ratios within a run are stable where absolute times on a
 shared 2-core machine are not.
 
-    TRITON_INTERPRET=1 python bench/bench_host.py [--runs 3] [--calls 300]
+    TRITON_INTERPRET=1 python bench/bench_host.py [--runs 3] [--calls 300] [--alternate]
+        [--native-convs]
 
-prints one table per run and the median ratio over the runs. Under pytest (the README's
+prints one table per run and the median ratio over the runs. ``--alternate`` times fused
+and eager call by call in turn (each call then finds colder caches), ``--native-convs``
+runs ATen's native convolutions instead of mkldnn's (cheaper at this size: less of each
+step, and of its noise, is the convolutions'). Under pytest (the README's
 test command) each case runs once and records fused us, eager us, ratio and launches in
 pytest-benchmark's extra_info. These are CPU host-time figures, not GPU measurements.
 """
@@ -120,8 +124,27 @@ def _median_us(fn: Callable[[], None], calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def measure(case: HostCase, mode: str, calls: int = 300) -> dict:
-    """fused us, eager us, their ratio and Triton launches per call, measured together."""
+def _alternating_us(fn_a: Callable[[], None], fn_b: Callable[[], None], calls: int) -> tuple:
+    """Median us of fn_a and of fn_b called in turn, call by call (which goes first
+    alternating): drift within a run falls on both alike, and each call finds the caches
+    as the other left them (colder than back-to-back calls of one block)."""
+    ta, tb = [], []
+    for i in range(calls):
+        first, second, t_first, t_second = ((fn_a, fn_b, ta, tb) if i % 2 == 0 else
+                                            (fn_b, fn_a, tb, ta))
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        t_first.append(t1 - t0)
+        t_second.append(t2 - t1)
+    return statistics.median(ta) * 1e6, statistics.median(tb) * 1e6
+
+
+def measure(case: HostCase, mode: str, calls: int = 300, alternate: bool = False) -> dict:
+    """fused us, eager us, their ratio and Triton launches per call, measured together:
+    in three blocks of calls each, interleaved, or (``alternate``) call by call."""
     torch.manual_seed(0)
     eager = case.make()
     _randomize(eager)
@@ -135,11 +158,14 @@ def measure(case: HostCase, mode: str, calls: int = 300) -> dict:
         before = launches[0]
         run_fused()
         per_call = launches[0] - before
-        fused_us, eager_us = [], []
-        for _ in range(3):           # interleave, so drift hits both alike
-            fused_us.append(_median_us(run_fused, calls // 3))
-            eager_us.append(_median_us(run_eager, calls // 3))
-    f, e = statistics.median(fused_us), statistics.median(eager_us)
+        if alternate:
+            f, e = _alternating_us(run_fused, run_eager, calls)
+        else:
+            fused_us, eager_us = [], []
+            for _ in range(3):           # interleave, so drift hits both alike
+                fused_us.append(_median_us(run_fused, calls // 3))
+                eager_us.append(_median_us(run_eager, calls // 3))
+            f, e = statistics.median(fused_us), statistics.median(eager_us)
     return dict(block=case.name, mode=mode, fused_us=f, eager_us=e, ratio=f / e,
                 launches=per_call)
 
@@ -171,21 +197,36 @@ def test_host_time(benchmark, case, mode):
     assert result["launches"] > 0, "no Triton launch: the fused path did not run"
 
 
+def test_host_time_alternating():
+    """--alternate's timing (call by call) runs and times both blocks."""
+    result = measure(CASES[0], "train_step", 20, alternate=True)
+    assert result["launches"] > 0 and result["fused_us"] > 0 and result["eager_us"] > 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--alternate", action="store_true",
+                    help="time fused and eager call by call in turn (colder caches for "
+                         "both) instead of in interleaved blocks of calls")
+    ap.add_argument("--native-convs", action="store_true",
+                    help="torch.backends.mkldnn off: ATen's native convolutions, cheaper "
+                         "at this size, so that less of a step (and of its noise) is theirs")
     args = ap.parse_args(argv)
     if not INTERPRET:
         print("set TRITON_INTERPRET=1: the launches stubbed are the interpreter's",
               file=sys.stderr)
         return 2
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = not args.native_convs
+    how = ", ".join(["1 thread", "call by call" if args.alternate else "blocks of calls",
+                     *(["native convolutions"] if args.native_convs else [])])
     runs = []
     for i in range(args.runs):
-        rows = [measure(c, m, args.calls) for c in CASES for m in MODES]
+        rows = [measure(c, m, args.calls, args.alternate) for c in CASES for m in MODES]
         runs.append(rows)
-        print(f"run {i + 1} of {args.runs} (torch {torch.__version__}, 1 thread)")
+        print(f"run {i + 1} of {args.runs} (torch {torch.__version__}, {how})")
         print(table(rows))
     print("median fused/eager ratio over the runs:")
     for j, r in enumerate(runs[0]):

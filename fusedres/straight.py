@@ -16,8 +16,11 @@ are saved as bn_stats's [4, C] rows, which the bindings read whole (no [C] views
 call), and that a training call records its convolutions with autograd (as eager PyTorch
 does) and its backward calls their nodes: the inner activations are then saved in those
 nodes, not in the flat list (StraightBlock.saved_tensors puts them back for the other
-backwards). ``program`` says whether a plan runs here; anything it does not cover, or a
-call its bindings do not fit, takes function.py's path.
+backwards). With autograd the block runs as StraightResidualBlock, a Function of its own
+whose tensor inputs are only the conv weights and BN gammas and betas (FusedResidualBlock
+takes, and returns a gradient slot for, the whole flat list). ``program`` says whether a
+plan runs here; anything it does not cover, or a call its bindings do not fit, takes
+function.py's path.
 """
 from __future__ import annotations
 
