@@ -340,7 +340,10 @@ def describe_block(ctx) -> str:
     kind = ("pre-activation " if spec.preact else "") + ("bottleneck" if len(spec.convs) == 3
                                                          else "basic")
     short = ("projection" if spec.proj is not None else "identity") if spec.skip else "no"
-    return f"the fused {kind} block (FusedResidualBlock, {short} shortcut)"
+    # (the node's Function: FusedResidualBlock, or a cached plan's StraightResidualBlock)
+    fn = type(ctx).__name__.removesuffix("Backward") if type(ctx).__name__.endswith(
+        "Backward") else "FusedResidualBlock"
+    return f"the fused {kind} block ({fn}, {short} shortcut)"
 
 
 def describe_batch_norm(ctx) -> str:

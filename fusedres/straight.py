@@ -71,9 +71,9 @@ def covers(spec, impl, save: bool) -> bool:
 
 class StraightBlock:
     """One cached plan's block call on one backend, bound as it first runs. ``forward``
-    returns (out, the flat saved list or None); ``backward`` FusedResidualBlock's
-    gradients. A call a binding does not fit takes that op unbound, as the bindings of
-    function.py's path do."""
+    returns (out, the flat saved list or None); ``backward`` StraightResidualBlock's
+    gradients (None, None, dx, None, one per ``param_slots``). A call a binding does not
+    fit takes that op unbound, as the bindings of function.py's path do."""
 
     def __init__(self, spec, impl, save: bool):
         self.spec, self.impl, self.save = spec, impl, save

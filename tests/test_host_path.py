@@ -293,13 +293,17 @@ def test_bindings_keep_no_activation_alive():
     ref, fused = _pair("bottleneck_proj", "cpu")
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
     seen = []
+    fitted = []  # each call_if_fits: did the binding take the call
 
     def spy(cls, name, n_tensors):
         real = getattr(cls, name)
 
         def call(self, *args):
             seen.extend(weakref.ref(t) for t in args[:n_tensors])
-            return real(self, *args)
+            out = real(self, *args)
+            if name == "call_if_fits":
+                fitted.append(out is not None)
+            return out
         return real, call
     # (the straight path calls each binding's call_if_fits, the general path __call__)
     patched = [(cls, name, *spy(cls, name, n)) for cls, name, n in
@@ -317,6 +321,8 @@ def test_bindings_keep_no_activation_alive():
                 setattr(cls, name, real)
     gc.collect()
     assert len(seen) >= 2 * (4 + 3 + 2 * 3), "the bindings did not run"
+    # the straight path's second call takes every BN through its bindings' fast call
+    assert len(fitted) >= 4 + 3 + 3 and all(fitted), "a binding's call_if_fits missed"
     assert all(r() is None for r in seen), "a binding keeps a call's tensor alive"
 
 

@@ -407,6 +407,7 @@ class BoundBwd:
         cl = is_channels_last(z)
         self.shape, self.stride, self.dtype = z.shape, z.stride(), z.dtype
         self.device = z.device
+        self.stats_rows = stats_rows  # (call_if_fits serves only such a binding)
         fdim = self.factor_dim = _factor_dim(factor)
         self.has_zd, self.has_dz_add = zd is not None, dz_add is not None
         self.skip_mode = skip_mode
@@ -439,8 +440,8 @@ class BoundBwd:
         cached block's backward calls this once per BN: each layer of calls between it
         and the two launches cost a few microseconds of host time (bench/bench_host.py)."""
         stride = self.stride
-        if not (z.shape == self.shape and z.stride() == stride and z.dtype == self.dtype
-                and dy.stride() == stride and dy.dtype == self.dtype
+        if not (self.stats_rows and z.shape == self.shape and z.stride() == stride
+                and z.dtype == self.dtype and dy.stride() == stride and dy.dtype == self.dtype
                 and (None if factor is None else factor.dim()) == self.factor_dim
                 and (zd.stride() == stride if self.has_zd else zd is None)
                 and (dz_add.stride() == stride if self.has_dz_add else dz_add is None)):

@@ -203,7 +203,8 @@ class BoundFwd:
         self.running = scale is None
         self.skip_running = skip_mode == 2 and skip_scale is None
         self.keep_stats = keep_stats
-        self.batch_only = not self.running and not self.skip_running  # (what rows serves)
+        # (what call_if_fits serves: batch statistics passed as [4, C] rows)
+        self.batch_only = not self.running and not self.skip_running and stats_rows
         # (eval without keep_stats: the derived statistics land in a buffer of our own)
         own = None if keep_stats else torch.empty((4, C), device=dev, dtype=sdt)
         # The template holds no tensor of this call (a plan keeps it for good): the batch

@@ -361,7 +361,8 @@ class BoundStats:
         """``__call__(x)[0]`` of a binding without ``pool``, with ``fits`` in it: None where
         x does not fit. A cached block's forward calls this once per BN (each layer of
         calls cost host time: bench/bench_host.py)."""
-        if not (x.shape == self.shape and x.stride() == self.stride and x.dtype == self.dtype):
+        if not (self.S is None and x.shape == self.shape and x.stride() == self.stride
+                and x.dtype == self.dtype):
             return None
         out = torch.empty_like(self.out_like)
         bn = self.bn_args.copy()
