@@ -441,6 +441,16 @@ class _Hit:
     gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
     gate_children: tuple = ()        # conv...) whose parameters the list holds
     device_type: str = ""            # x's (whose autocast state the plan assumes off)
+    # norm_facts read without a Python call per norm: each norm's class, and its
+    # attributes as dict.get of its __dict__ reads them (_norm_state's)
+    norm_types: tuple = ()
+    norm_dicts: tuple = ()
+    norm_keys: tuple = ()
+    norm_values: list = dataclasses.field(default_factory=list)
+    # the downsample's and the gate's child dicts (None without one: ``modules`` then
+    # sees one appear), so their children are read without a call
+    ds_modules: Optional[dict] = None
+    gate_modules: Optional[dict] = None
 
     def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
         """The plan holds for this call (made without autocast: one under autocast fails)."""
@@ -449,11 +459,14 @@ class _Hit:
                 and (torch.is_grad_enabled(), factor is None, recompute,
                      distributed.is_initialised()) == self.call_facts
                 and all(map(operator.is_, map(block_mods.get, self.names), self.modules))
-                and _children(block_mods.get("downsample")) == self.ds_children
-                and list(map(_norm_state, self.norms)) == self.norm_facts
+                and (self.ds_modules is None
+                     or tuple(self.ds_modules.values()) == self.ds_children)
+                and all(map(operator.is_, map(type, self.norms), self.norm_types))
+                and list(map(dict.get, self.norm_dicts, self.norm_keys)) == self.norm_values
                 and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.held))
                 and list(map(_ATTRS, self.present)) == self.attrs
-                and _children(block_mods.get(self.gate_name)) == self.gate_children)
+                and (self.gate_modules is None
+                     or tuple(self.gate_modules.values()) == self.gate_children))
 
 
 def _children(m) -> tuple:
@@ -519,6 +532,9 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
                               *((layout.aa,) if layout.aa else ()),
                               *((layout.gate,) if layout.gate else ())))
     mods = block._modules
+    norm_dicts = tuple(nm.__dict__ for nm in all_norms for _ in _NORM_ATTRS)
+    norm_keys = _NORM_ATTRS * len(all_norms)
+    ds = mods.get("downsample")
     return _Hit(_x_facts(x), (torch.is_grad_enabled(), factor is None, block.recompute,
                               distributed.is_initialised()),
                 names, tuple(mods.get(n) for n in names), _children(mods.get("downsample")),
@@ -527,17 +543,23 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
                 tuple(n for _, n in srcs), tuple(t for _, t in kept), present,
                 list(map(_ATTRS, present)),
                 list(tensors), layout.gate if gate_mod is not None else None,
-                _children(gate_mod), x.device.type)
+                _children(gate_mod), x.device.type,
+                tuple(map(type, all_norms)), norm_dicts, norm_keys,
+                list(map(dict.get, norm_dicts, norm_keys)),
+                ds._modules if isinstance(ds, nn.Module) else None,
+                gate_mod._modules if isinstance(gate_mod, nn.Module) else None)
 
 
 #: block module -> its last _Cached plan (weak: a deleted block takes its plan with it).
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+_NORM_ATTRS = ("training", "momentum", "eps", "track_running_stats")
+
+
 def _norm_state(norm: nn.Module) -> tuple:
     d = norm.__dict__
-    return (type(norm), d.get("training"), d.get("momentum"), d.get("eps"),
-            d.get("track_running_stats"))
+    return (type(norm), *map(d.get, _NORM_ATTRS))
 
 
 def _tensor_state(t: Optional[Tensor]):

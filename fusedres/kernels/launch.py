@@ -70,7 +70,7 @@ class BoundLaunch:
     them, built per launch and bound again by Triton, cost more host time than the rest
     of the call (bench/bench_host.py). Only the launch options (num_warps, ...) are
     keywords."""
-    __slots__ = ("kernel", "name", "consts", "grid", "options")
+    __slots__ = ("kernel", "name", "consts", "grid", "options", "run_kwargs")
 
     def __init__(self, kernel, grid, **kwargs):
         if not config.INTERPRET:
@@ -82,12 +82,14 @@ class BoundLaunch:
             raise TypeError(f"{self.name}: constexpr arguments {missing} not given")
         self.consts = tuple(kwargs.pop(n) for n in names)
         self.grid, self.options = grid, kwargs
+        # (one dict for run's keywords, made once: grid, warmup and the options)
+        self.run_kwargs = {"grid": grid, "warmup": False, **kwargs}
 
     def __call__(self, *args):
         LAUNCHES[self.name] += 1
         # (a call with too few or too many arguments leaves Triton's binder a parameter
         # short or over, which it refuses: no count check here)
-        self.kernel.run(*(args + self.consts), grid=self.grid, warmup=False, **self.options)
+        self.kernel.run(*(args + self.consts), **self.run_kwargs)
 
 
 @functools.lru_cache(maxsize=None)
