@@ -15,7 +15,7 @@ ea582d2 on) calls torch.conv2d and the nodes itself, which the stubs (of functio
 ``_conv`` and ``_conv_backward``) do not replace: compare such a revision with
 ``--real-convs``.
 
-A revision before 0aaf056 returns FusedResidualBlock's gradients (one per flat-list
+A revision before d701b84 returns FusedResidualBlock's gradients (one per flat-list
 slot) from StraightBlock.backward, where this tree's StraightResidualBlock takes one per
 parameter: such a base cannot run here (compare whole trees with bench_host.py instead).
 Only StraightBlock's methods come from ``--base``: straight.py's module functions
