@@ -341,8 +341,8 @@ def describe_block(ctx) -> str:
                                                          else "basic")
     short = ("projection" if spec.proj is not None else "identity") if spec.skip else "no"
     # (the node's Function: FusedResidualBlock, or a cached plan's StraightResidualBlock)
-    fn = type(ctx).__name__.removesuffix("Backward") if type(ctx).__name__.endswith(
-        "Backward") else "FusedResidualBlock"
+    node = type(ctx).__name__
+    fn = node.removesuffix("Backward") if node.endswith("Backward") else "FusedResidualBlock"
     return f"the fused {kind} block ({fn}, {short} shortcut)"
 
 

@@ -430,7 +430,6 @@ class _Hit:
     modules: tuple
     ds_children: tuple      # the downsample's own children (a new norm in it is a new plan)
     norms: tuple
-    norm_facts: list
     dicts: tuple            # with ``keys``: where each tensor of ``held`` is read from
     keys: tuple
     held: tuple             # the tensors as read, by identity (None where a module holds
@@ -441,8 +440,8 @@ class _Hit:
     gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
     gate_children: tuple = ()        # conv...) whose parameters the list holds
     device_type: str = ""            # x's (whose autocast state the plan assumes off)
-    # norm_facts read without a Python call per norm: each norm's class, and its
-    # attributes as dict.get of its __dict__ reads them (_norm_state's)
+    # each norm's _norm_state read without a Python call per norm: its class, and its
+    # attributes as dict.get of its __dict__ reads them
     norm_types: tuple = ()
     norm_dicts: tuple = ()
     norm_keys: tuple = ()
@@ -538,8 +537,7 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
     return _Hit(_x_facts(x), (torch.is_grad_enabled(), factor is None, block.recompute,
                               distributed.is_initialised()),
                 names, tuple(mods.get(n) for n in names), _children(mods.get("downsample")),
-                tuple(all_norms),
-                list(map(_norm_state, all_norms)), tuple(d for d, _ in srcs),
+                tuple(all_norms), tuple(d for d, _ in srcs),
                 tuple(n for _, n in srcs), tuple(t for _, t in kept), present,
                 list(map(_ATTRS, present)),
                 list(tensors), layout.gate if gate_mod is not None else None,

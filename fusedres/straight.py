@@ -332,14 +332,10 @@ class StraightBlock:
                grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
         """dz of relu(bn(z)) given dy (the ReLU recomputed from z), for the BN of bound
         site i whose BNParams start at j in the flat list; sets its gamma and beta grads."""
-        b = self.bwd[i]
-        out = (b.call_if_fits(dy, z, stats, None, None, None, None, dz_add)
-               if b is not None else None)  # (_bwd, inline: the usual call)
-        if out is None:
-            out = self._bwd_other(i, dy, z, stats, None, None, None, None, dz_add,
-                                  needs[j + _GAMMA] or needs[j + _BETA])
-        _set_bn(grads, needs, tensors, j, out[2], 0)
-        return out[0]
+        dz, _, sums = self._bwd(i, dy, z, stats, None, None, None, None, dz_add,
+                                needs[j + _GAMMA] or needs[j + _BETA])
+        _set_bn(grads, needs, tensors, j, sums, 0)
+        return dz
 
     def _bwd(self, i: int, dy: Tensor, z: Tensor, st: Tensor, mask, factor, zd, st_d,
              dz_add, need_sums: bool):

@@ -70,7 +70,7 @@ class BoundLaunch:
     them, built per launch and bound again by Triton, cost more host time than the rest
     of the call (bench/bench_host.py). Only the launch options (num_warps, ...) are
     keywords."""
-    __slots__ = ("kernel", "name", "consts", "grid", "options", "run_kwargs")
+    __slots__ = ("kernel", "name", "consts", "grid", "run_kwargs")
 
     def __init__(self, kernel, grid, **kwargs):
         if not config.INTERPRET:
@@ -81,7 +81,7 @@ class BoundLaunch:
         if missing:  # (every launcher passes each constexpr: none relies on a default)
             raise TypeError(f"{self.name}: constexpr arguments {missing} not given")
         self.consts = tuple(kwargs.pop(n) for n in names)
-        self.grid, self.options = grid, kwargs
+        self.grid = grid
         # (one dict for run's keywords, made once: grid, warmup and the options)
         self.run_kwargs = {"grid": grid, "warmup": False, **kwargs}
 

@@ -346,10 +346,6 @@ class BoundStats:
                                        num_batches_tracked, momentum, eps, out0)
         self.out_at = [k for k, a in enumerate(bn_args) if a is out0]
         self.bn_args = [None if a is out0 else a for a in bn_args]
-        # (the usual case, the output at one place: the arguments around it, made once)
-        self.bn_split = ((tuple(self.bn_args[:self.out_at[0]]),
-                          tuple(self.bn_args[self.out_at[0] + 1:]))
-                         if len(self.out_at) == 1 else None)
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(moments))
         self.launch = BoundLaunch(
             _bn_stats_partial_kernel, cfg.grid, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
@@ -369,15 +365,10 @@ class BoundStats:
                 and x.dtype == self.dtype):
             return None
         out = torch.empty_like(self.out_like)
-        part = self.part.get()
-        split = self.bn_split
-        if split is not None:
-            self.launch(x, part, self.tickets.get(), *split[0], out, *split[1], part, part,
-                        *self.scalars)
-            return out
         bn = self.bn_args.copy()
         for k in self.out_at:
             bn[k] = out
+        part = self.part.get()
         self.launch(x, part, self.tickets.get(), *bn, part, part, *self.scalars)
         return out
 
