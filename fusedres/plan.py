@@ -450,13 +450,17 @@ class _Hit:
     # sees one appear), so their children are read without a call
     ds_modules: Optional[dict] = None
     gate_modules: Optional[dict] = None
+    # whether torch.distributed was initialised, where a norm is a sync norm (whose group
+    # it decides: distributed.block_group); None: no norm is, and the plan is the same
+    dist_initialised: Optional[bool] = None
 
     def holds(self, block_mods: dict, x: Tensor, factor: Optional[Tensor], recompute) -> bool:
         """The plan holds for this call (made without autocast: one under autocast fails)."""
         return ((x.shape, x.stride(), x.dtype, x.device, x.requires_grad) == self.x_facts
                 and not torch.is_autocast_enabled(self.device_type)
-                and (torch.is_grad_enabled(), factor is None, recompute,
-                     distributed.is_initialised()) == self.call_facts
+                and (torch.is_grad_enabled(), factor is None, recompute) == self.call_facts
+                and (self.dist_initialised is None
+                     or distributed.is_initialised() is self.dist_initialised)
                 and all(map(operator.is_, map(block_mods.get, self.names), self.modules))
                 and (self.ds_modules is None
                      or tuple(self.ds_modules.values()) == self.ds_children)
@@ -534,8 +538,8 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
     norm_dicts = tuple(nm.__dict__ for nm in all_norms for _ in _NORM_ATTRS)
     norm_keys = _NORM_ATTRS * len(all_norms)
     ds = mods.get("downsample")
-    return _Hit(_x_facts(x), (torch.is_grad_enabled(), factor is None, block.recompute,
-                              distributed.is_initialised()),
+    sync = any(map(distributed.is_sync_norm, all_norms))
+    return _Hit(_x_facts(x), (torch.is_grad_enabled(), factor is None, block.recompute),
                 names, tuple(mods.get(n) for n in names), _children(mods.get("downsample")),
                 tuple(all_norms), tuple(d for d, _ in srcs),
                 tuple(n for _, n in srcs), tuple(t for _, t in kept), present,
@@ -545,7 +549,8 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
                 tuple(map(type, all_norms)), norm_dicts, norm_keys,
                 list(map(dict.get, norm_dicts, norm_keys)),
                 ds._modules if isinstance(ds, nn.Module) else None,
-                gate_mod._modules if isinstance(gate_mod, nn.Module) else None)
+                gate_mod._modules if isinstance(gate_mod, nn.Module) else None,
+                distributed.is_initialised() if sync else None)
 
 
 #: block module -> its last _Cached plan (weak: a deleted block takes its plan with it).

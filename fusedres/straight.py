@@ -292,11 +292,11 @@ class StraightBlock:
             need = need or needs[jd + _GAMMA] or needs[jd + _BETA]
             dz, dskip, sums = self._bwd(k - 1, dout, z, stats[k - 1], mask, factor, zd,
                                         stats[k], None, need)
-            _set_bn(grads, needs, tensors, jd, sums, 2)
+            sums_at = [(jd, sums, 2), (j, sums, 0)]
         else:
             dz, dskip, sums = self._bwd(k - 1, dout, z, stats[k - 1], mask, factor, None, None,
                                         None, need)
-        _set_bn(grads, needs, tensors, j, sums, 0)
+            sums_at = [(j, sums, 0)]
         gin = None
         for i in range(k - 1, -1, -1):
             gin, gw = _conv_grads(zs[i], dz, spec.convs[i], i > 0 or need_x)
@@ -304,7 +304,8 @@ class StraightBlock:
                 grads[sl.w[i]] = gw
             if i > 0:
                 dz = self._inner(i - 1, gin, zs[i - 1], stats[i - 1], sl.bn[i - 1], needs,
-                                 tensors, grads)
+                                 sums_at)
+        _set_bns(grads, needs, tensors, sums_at)
         dx = gin if need_x else None
         if self.proj:
             gxp, gwd = _conv_grads(zd, dskip, spec.proj, need_x)
@@ -328,13 +329,14 @@ class StraightBlock:
             grads[at] = gwd
         return F._pool_backward(gxp, src, spec.proj_pool) if need_in else None
 
-    def _inner(self, i: int, dy: Tensor, z: Tensor, stats, j: int, needs, tensors,
-               grads: list, dz_add: Optional[Tensor] = None) -> Tensor:
+    def _inner(self, i: int, dy: Tensor, z: Tensor, stats, j: int, needs, sums_at: list,
+               dz_add: Optional[Tensor] = None) -> Tensor:
         """dz of relu(bn(z)) given dy (the ReLU recomputed from z), for the BN of bound
-        site i whose BNParams start at j in the flat list; sets its gamma and beta grads."""
+        site i whose BNParams start at j in the flat list; its gamma and beta grads go on
+        ``sums_at`` (see _set_bns)."""
         dz, _, sums = self._bwd(i, dy, z, stats, None, None, None, None, dz_add,
                                 needs[j + _GAMMA] or needs[j + _BETA])
-        _set_bn(grads, needs, tensors, j, sums, 0)
+        sums_at.append((j, sums, 0))
         return dz
 
     def _bwd(self, i: int, dy: Tensor, z: Tensor, st: Tensor, mask, factor, zd, st_d,
@@ -432,13 +434,13 @@ class StraightBlock:
         j0 = sl.bn[0]
         need_first = need_x or needs[j0 + _GAMMA] or needs[j0 + _BETA]
         gin = None
+        sums_at: list = []
         for i in range(k - 1, -1, -1):
             gin, gw = _conv_grads(zs[i], dz, spec.convs[i], i > 0 or need_first)
             if gw is not None and needs[sl.w[i]]:
                 grads[sl.w[i]] = gw
             if i > 0:
-                dz = self._inner(i, gin, zs[i - 1], stats[i], sl.bn[i], needs, tensors,
-                                 grads)
+                dz = self._inner(i, gin, zs[i - 1], stats[i], sl.bn[i], needs, sums_at)
         if self.proj:  # (its output is not saved: its convolution is not recorded)
             ga0 = self._shortcut_backward(dout, a0, xp, wd, need_first, needs, grads)
             if need_first:
@@ -446,8 +448,9 @@ class StraightBlock:
         dx = None
         if need_first:
             identity = None if self.proj else _in_layout_of(dout, x)
-            dx = self._inner(0, _in_layout_of(gin, x), x, stats[0], j0, needs,
-                             tensors, grads, identity)
+            dx = self._inner(0, _in_layout_of(gin, x), x, stats[0], j0, needs, sums_at,
+                             identity)
+        _set_bns(grads, needs, tensors, sums_at)
         return (None, None, dx if need_x else None, None, *self.pick(grads))
 
 
@@ -556,18 +559,22 @@ def _records(rows: Optional[Tensor]) -> Optional[BNStats]:
     return None if rows is None else BNStats(*rows.unbind(0))
 
 
-def _set_bn(grads: list, needs, tensors, j: int, sums: Optional[Tensor], row: int) -> None:
-    """dgamma and dbeta of the BN whose BNParams start at j: sums rows row+1 and row."""
-    if sums is None or not sums.numel():
-        return
-    at = j + _GAMMA
-    if needs[at]:
-        g, dt = sums[row + 1], tensors[at].dtype
-        grads[at] = g if g.dtype == dt else g.to(dt)
-    at = j + _BETA
-    if needs[at]:
-        g, dt = sums[row], tensors[at].dtype
-        grads[at] = g if g.dtype == dt else g.to(dt)
+def _set_bns(grads: list, needs, tensors, sums_at: list) -> None:
+    """dgamma and dbeta of each BN on ``sums_at``, (j, sums, row) where its BNParams start
+    at j in the flat list and its grads are sums rows row+1 and row. Taken together after
+    the last convolution's backward: the first view op after a convolution costs several
+    times the next ones (its code is out of cache by then), so one cold op, not one a BN."""
+    for j, sums, row in sums_at:
+        if sums is None or not sums.numel():
+            continue
+        at = j + _GAMMA
+        if needs[at]:
+            g, dt = sums[row + 1], tensors[at].dtype
+            grads[at] = g if g.dtype == dt else g.to(dt)
+        at = j + _BETA
+        if needs[at]:
+            g, dt = sums[row], tensors[at].dtype
+            grads[at] = g if g.dtype == dt else g.to(dt)
 
 
 def _add(g: Tensor, h: Tensor) -> Tensor:
