@@ -6,8 +6,9 @@ design.md section 7). Under TRITON_INTERPRET=1 on the triton backend, each Trito
 plan look-up, checks, launchers, autograd. Eager and fused blocks get the same tiny input
 (2 x C x 2 x 2), where dispatch, not arithmetic, sets the time, and run the same ATen
 convolutions. Each figure is the median of many calls in one process, fused and eager
-interleaved in the same run; ratios within a run are stable where absolute times on a
-shared 2-core machine are not.
+interleaved in the same run, in turns of 10 calls each (so that the machine's drift falls
+on both alike); ratios within a run are stable where absolute times on a shared 2-core
+machine are not.
 
     TRITON_INTERPRET=1 python bench/bench_host.py [--runs 3] [--calls 300] [--alternate]
         [--native-convs]
@@ -115,13 +116,21 @@ def _step(block: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
     return call
 
 
-def _median_us(fn: Callable[[], None], calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def _interleaved_us(fn_a: Callable[[], None], fn_b: Callable[[], None], calls: int,
+                    block: int = 10) -> tuple:
+    """Median us of fn_a's calls and of fn_b's, timed in short blocks of ``block`` calls,
+    the two in turn (which goes first alternating): this shared machine's speed drifts
+    by tens of percent over seconds, and a drift then falls on both alike, while the
+    calls within a block find the caches as back-to-back calls of one block leave them."""
+    ta, tb = [], []
+    for i in range(max(calls // block, 1)):
+        for fn, times in (((fn_a, ta), (fn_b, tb)) if i % 2 == 0 else
+                          ((fn_b, tb), (fn_a, ta))):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(ta) * 1e6, statistics.median(tb) * 1e6
 
 
 def _alternating_us(fn_a: Callable[[], None], fn_b: Callable[[], None], calls: int) -> tuple:
@@ -144,7 +153,7 @@ def _alternating_us(fn_a: Callable[[], None], fn_b: Callable[[], None], calls: i
 
 def measure(case: HostCase, mode: str, calls: int = 300, alternate: bool = False) -> dict:
     """fused us, eager us, their ratio and Triton launches per call, measured together:
-    in three blocks of calls each, interleaved, or (``alternate``) call by call."""
+    in short blocks of calls, interleaved, or (``alternate``) call by call."""
     torch.manual_seed(0)
     eager = case.make()
     _randomize(eager)
@@ -161,11 +170,7 @@ def measure(case: HostCase, mode: str, calls: int = 300, alternate: bool = False
         if alternate:
             f, e = _alternating_us(run_fused, run_eager, calls)
         else:
-            fused_us, eager_us = [], []
-            for _ in range(3):           # interleave, so drift hits both alike
-                fused_us.append(_median_us(run_fused, calls // 3))
-                eager_us.append(_median_us(run_eager, calls // 3))
-            f, e = statistics.median(fused_us), statistics.median(eager_us)
+            f, e = _interleaved_us(run_fused, run_eager, calls)
     return dict(block=case.name, mode=mode, fused_us=f, eager_us=e, ratio=f / e,
                 launches=per_call)
 
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--alternate", action="store_true",
                     help="time fused and eager call by call in turn (colder caches for "
-                         "both) instead of in interleaved blocks of calls")
+                         "both) instead of in interleaved blocks of 10 calls")
     ap.add_argument("--native-convs", action="store_true",
                     help="torch.backends.mkldnn off: ATen's native convolutions, cheaper "
                          "at this size, so that less of a step (and of its noise) is theirs")
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = not args.native_convs
-    how = ", ".join(["1 thread", "call by call" if args.alternate else "blocks of calls",
+    how = ", ".join(["1 thread", "call by call" if args.alternate else "blocks of 10 calls",
                      *(["native convolutions"] if args.native_convs else [])])
     runs = []
     for i in range(args.runs):
