@@ -241,6 +241,25 @@ def test_plan_follows_the_input_device():
     _check_same(ref, fused, x, train=True)
 
 
+def test_plan_follows_torch_distributed_only_for_sync_norms(monkeypatch):
+    """A block of sync norms is planned afresh once torch.distributed is initialised (its
+    group depends on it); a plain block's plan does not depend on it and is kept."""
+    from fusedres import distributed
+    ref, plain = _pair("basic", "cpu")
+    sync = fusedres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)))
+    assert type(sync.bn1) is fusedres.FusedSyncBatchNorm
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    for block in (plain, sync):  # (a fresh reference each: both update its statistics)
+        _check_same(copy.deepcopy(ref), block, x, train=True)
+    # (no process group here: only what the fast check reads is changed)
+    monkeypatch.setattr(distributed, "is_initialised", lambda: True)
+    for block in (plain, sync):
+        c = plan_mod._PLANS.get(block)
+        holds = c.hit.holds(block._modules, x.clone().requires_grad_(True), None,
+                            block.recompute)
+        assert holds is (block is plain), type(block.bn1).__name__
+
+
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for the triton backend")
 def test_cached_plan_runs_the_triton_kernels():
     from checks import triton_ran
