@@ -47,8 +47,8 @@ from .bn_math import (bn_apply, bn_grad_coefficients, bn_input_grad, branch_fact
                       group_ticket, load_tile, mask_sample_base, program_tile, relu_grad,
                       relu_keep, store_tile, sum_partials, unpack_bits)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import (BoundLaunch, Tickets, Workspace, acc_dtype, as_dtype, branch_factor_arg,
-                     in_layout, num_sms, scratch, shape3, template)
+from .launch import (Tickets, Workspace, acc_dtype, as_dtype, bind_launch,
+                     branch_factor_arg, in_layout, num_sms, scratch, shape3, template)
 
 Tensor = torch.Tensor
 
@@ -318,7 +318,7 @@ class _ReducePass:
         self.use_mask = mask_mode == 2
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, int(mask_mode == 0),
                         int(factor_dim is not None))
-        self.launch = BoundLaunch(
+        self.launch = bind_launch(
             _bn_act_bwd_reduce_kernel, cfg.grid, FROM_BITS=mask_mode == 2,
             STATS_ROWS=stats_rows, SKIP_BN=self.skip_bn,
             PER_SAMPLE=per_sample, FACTOR_PER_CHANNEL=factor_dim == 2, HW_VEC=cfg.HW_VEC,
@@ -358,7 +358,7 @@ class _ApplyPass:
         self.scalars = (N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, int(mask_mode == 0),
                         int(factor_dim is not None), int(batch_stats),
                         int(self.skip_bn and batch_stats_d))
-        self.launch = BoundLaunch(
+        self.launch = bind_launch(
             _bn_act_bwd_apply_kernel, cfg.grid, FROM_BITS=mask_mode == 2,
             STATS_ROWS=stats_rows, SKIP=skip_mode,
             HAS_DZ_ADD=has_dz_add, HAS_DU_ADD=has_du_add,

@@ -120,7 +120,7 @@ def _record(fn_calls) -> list:
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup=False, **kwargs):
-        # (BoundLaunch passes the constexprs by position, last: recorded by name here;
+        # (bind_launch passes the constexprs by position, last: recorded by name here;
         # a launch that names them passes none of those by position)
         names = [n for n in constexpr_params(self.fn) if n not in kwargs]
         n = len(args) - len(names)

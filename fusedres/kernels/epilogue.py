@@ -28,7 +28,7 @@ from ..reference import running_stats
 from .bn_math import (bn_apply, branch_factor, load_tile, mask_sample_base, program_tile,
                       relu, relu_keep, store_bits, store_tile)
 from .config import SAMPLE_COUNTS, tile_config
-from .launch import (BoundLaunch, acc_dtype, branch_factor_arg, in_layout, num_sms, scratch,
+from .launch import (acc_dtype, bind_launch, branch_factor_arg, in_layout, num_sms, scratch,
                      shape3, template)
 
 Tensor = torch.Tensor
@@ -226,7 +226,7 @@ class BoundFwd:
         self.args = [None, None, *main, None, *side, None, scratch(dev, torch.uint8),
                      N, C, HW // cfg.HW_VEC, cfg.N_PER_PROG, float(eps), float(skip_eps),
                      *flags, *side_flags, int(factor is not None), int(relu), int(write_mask)]
-        self.launch = BoundLaunch(
+        self.launch = bind_launch(
             _bn_act_fwd_kernel, cfg.grid, SKIP=skip_mode, STATS_ROWS=stats_rows,
             FACTOR_PER_CHANNEL=self.factor_dim == 2,
             HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl, BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW,

@@ -57,39 +57,39 @@ def _cuda_sms(index: int) -> int:
 
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, counted in LAUNCHES; on a GPU with .maxnreg set."""
-    BoundLaunch(kernel, grid, **kwargs)(*args)
+    bind_launch(kernel, grid, **kwargs)(*args)
 
 
-class BoundLaunch:
-    """One kernel's launch with its grid, constexprs and options fixed: ``(*args)``
-    launches it, counted in LAUNCHES. It calls ``kernel.run``, what ``kernel[grid]``'s
-    proxy calls, without making the proxy (Triton's API in 3.6 and 3.8 alike), and looks
-    ``run`` up on each call, so a recorder patched onto the class (compile_check, the
-    host benchmark's stub) sees every launch. The constexprs go by position after the
-    call's own arguments (each kernel declares them last): a keyword dict of a dozen of
-    them, built per launch and bound again by Triton, cost more host time than the rest
-    of the call (bench/bench_host.py). Only the launch options (num_warps, ...) are
-    keywords."""
-    __slots__ = ("kernel", "name", "consts", "grid", "run_kwargs")
+def bind_launch(kernel, grid, **kwargs):
+    """One kernel's launch with its grid, constexprs and options fixed: the function
+    returned, called with the kernel's run-time arguments, launches it, counted in
+    LAUNCHES. It calls ``kernel.run``, what ``kernel[grid]``'s proxy calls, without making
+    the proxy (Triton's API in 3.6 and 3.8 alike), and looks ``run`` up on each call, so
+    a recorder patched onto the class (compile_check, the host benchmark's stub) sees
+    every launch. The constexprs go by position after the call's own arguments (each
+    kernel declares them last): a keyword dict of a dozen of them, built per launch and
+    bound again by Triton, cost more host time than the rest of the call
+    (bench/bench_host.py). Only the launch options (num_warps, ...) are keywords. A
+    closure, not an object with ``__call__``: that call's own overhead was half of a
+    stubbed launch's host time (0.9 of 1.9 us)."""
+    if not config.INTERPRET:
+        kwargs["maxnreg"] = MAX_REGISTERS
+    name = kernel.fn.__name__
+    names = constexpr_params(kernel.fn)
+    missing = [n for n in names if n not in kwargs]
+    if missing:  # (every launcher passes each constexpr: none relies on a default)
+        raise TypeError(f"{name}: constexpr arguments {missing} not given")
+    consts = tuple(kwargs.pop(n) for n in names)
+    # (one dict for run's keywords, made once: grid, warmup and the options)
+    run_kwargs = {"grid": grid, "warmup": False, **kwargs}
 
-    def __init__(self, kernel, grid, **kwargs):
-        if not config.INTERPRET:
-            kwargs["maxnreg"] = MAX_REGISTERS
-        self.kernel, self.name = kernel, kernel.fn.__name__
-        names = constexpr_params(kernel.fn)
-        missing = [n for n in names if n not in kwargs]
-        if missing:  # (every launcher passes each constexpr: none relies on a default)
-            raise TypeError(f"{self.name}: constexpr arguments {missing} not given")
-        self.consts = tuple(kwargs.pop(n) for n in names)
-        self.grid = grid
-        # (one dict for run's keywords, made once: grid, warmup and the options)
-        self.run_kwargs = {"grid": grid, "warmup": False, **kwargs}
-
-    def __call__(self, *args):
-        LAUNCHES[self.name] += 1
+    def bound(*args):
+        LAUNCHES[name] += 1
         # (a call with too few or too many arguments leaves Triton's binder a parameter
         # short or over, which it refuses: no count check here)
-        self.kernel.run(*(args + self.consts), **self.run_kwargs)
+        kernel.run(*(args + consts), **run_kwargs)
+
+    return bound
 
 
 @functools.lru_cache(maxsize=None)

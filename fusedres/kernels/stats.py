@@ -45,7 +45,7 @@ from ..layout import is_channels_last, stats_dtype
 from .bn_math import (chan_combine, group_ticket, load_tile, program_tile, sample_base,
                       sum_partials, welford_update)
 from .config import NUM_WARPS, SAMPLE_COUNTS, finalize_config, tile_config
-from .launch import (BoundLaunch, Tickets, Workspace, acc_dtype, counters, hi_lo, in_layout,
+from .launch import (Tickets, Workspace, acc_dtype, bind_launch, counters, hi_lo, in_layout,
                      launch, num_sms, scratch, shape3, template)
 
 Tensor = torch.Tensor
@@ -347,7 +347,7 @@ class BoundStats:
         self.out_at = [k for k, a in enumerate(bn_args) if a is out0]
         self.bn_args = [None if a is out0 else a for a in bn_args]
         self.scalars = (N, C, HW // cfg.HW_VEC, P, cfg.N_PER_PROG, *flags, int(moments))
-        self.launch = BoundLaunch(
+        self.launch = bind_launch(
             _bn_stats_partial_kernel, cfg.grid, HW_VEC=cfg.HW_VEC, CHANNELS_LAST=cl,
             BLOCK_C=cfg.BLOCK_C, BLOCK_HW=cfg.BLOCK_HW, BLOCK_P=cfg.BLOCK_P,
             NUM_STAGES=cfg.num_stages, ACC_DTYPE=acc_dtype(x), POOL=pool,
