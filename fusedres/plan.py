@@ -437,8 +437,8 @@ class _Hit:
     present: tuple          # those that are not None
     attrs: list             # their _ATTRS
     tensors: list           # the flat list execute() takes
-    gate_name: Optional[str] = None  # the gate's attribute, and its children (fc1, fc2,
-    gate_children: tuple = ()        # conv...) whose parameters the list holds
+    gate_children: tuple = ()  # the gate's children (fc1, fc2, conv...), whose
+    #                            parameters the list holds
     device_type: str = ""            # x's (whose autocast state the plan assumes off)
     # each norm's _norm_state read without a Python call per norm: its class, and its
     # attributes as dict.get of its __dict__ reads them
@@ -544,8 +544,7 @@ def _make_hit(block, x, factor, convs, all_norms, parts, aa_mod, gate_mod,
                 tuple(all_norms), tuple(d for d, _ in srcs),
                 tuple(n for _, n in srcs), tuple(t for _, t in kept), present,
                 list(map(_ATTRS, present)),
-                list(tensors), layout.gate if gate_mod is not None else None,
-                _children(gate_mod), x.device.type,
+                list(tensors), _children(gate_mod), x.device.type,
                 tuple(map(type, all_norms)), norm_dicts, norm_keys,
                 list(map(dict.get, norm_dicts, norm_keys)),
                 ds._modules if isinstance(ds, nn.Module) else None,

@@ -96,8 +96,7 @@ class StraightBlock:
         b0 = self.at_mask + 3
         self.at_stats = tuple(b0 + 5 * i for i in range(k + 1))
         self.get_stats = operator.itemgetter(*self.at_stats)  # (k + 1 >= 2: a tuple)
-        self.n_gate = 7
-        self.no_gate = (None,) * self.n_gate
+        self.no_gate = (None,) * len(F.SavedGate._fields)  # (no gate: covers)
         self.get_w = operator.itemgetter(*self.sl.w)  # (k >= 2 convs: a tuple)
         # the inner activations' slots (a pre-activation block's a0 among them), which
         # the recorded convolutions' nodes hold instead
